@@ -1,0 +1,428 @@
+"""The llama.cpp batch engine: the only module that touches llama-cpp-python's low-level API.
+
+One model, one context, many sequences in a unified KV cache:
+- sequence 0 always holds the most recent prompt (``cached_tokens``); a new prompt that shares a
+  prefix with it only evaluates the new part;
+- continuations (score candidates, samples) are sequences 1..n that share the prompt's cells
+  through ``llama_memory_seq_cp`` and are removed when the call ends;
+- all continuations advance together, one ``llama_decode`` per batch, with logits asked only
+  where they are needed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import llama_cpp
+import numpy as np
+
+from .errors import InputError, SpectrumError
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            # Silence llama.cpp's load chatter; errors still reach us through return codes.
+            llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+@llama_cpp.llama_log_callback
+def _quiet_log(level, text, user_data):  # noqa: ARG001 - signature fixed by llama.cpp
+    if os.environ.get("SPECTRUM_LOCAL_VERBOSE"):
+        print(text.decode("utf-8", "replace"), end="", flush=True)
+
+
+def use_extra_buffer_types() -> bool:
+    """Whether llama.cpp may repack CPU weights into its extra buffer types. Off on CPUs with
+    AMX: llama.cpp 0.3.36's AMX matmul crashes (SIGSEGV) on them, seen on Xeon VMs.
+    SPECTRUM_LOCAL_EXTRA_BUFTS=1 or 0 forces it."""
+    forced = os.environ.get("SPECTRUM_LOCAL_EXTRA_BUFTS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_int8" not in f.read()
+    except OSError:
+        return True
+
+
+def supports_gpu_offload() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def system_info() -> str:
+    """The backends and CPU features llama.cpp was built with."""
+    return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """llama.cpp's sampler chain. The defaults are the model card's: temperature 1, no
+    truncation, no penalty, i.e. exactly the model's distribution."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+
+
+class Engine:
+    """A loaded GGUF model and its context. Thread-safe: calls are serialised."""
+
+    def __init__(self, path: str, *, ctx: int = 4096, gpu_layers: int | None = None,
+                 threads: int | None = None, batch: int = 512, max_sequences: int = 64):
+        _init_backend()
+        self.path = path = os.fspath(path)
+        if gpu_layers is None:
+            gpu_layers = -1 if supports_gpu_offload() else 0
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = gpu_layers
+        model_params.use_extra_bufts = use_extra_buffer_types()
+        self._model = llama_cpp.llama_model_load_from_file(path.encode(), model_params)
+        if not self._model:
+            raise SpectrumError(f"llama.cpp could not load {path} (not a valid GGUF model, or an "
+                                "unsupported architecture; set SPECTRUM_LOCAL_VERBOSE=1 for details)")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+
+        threads = threads or max(1, os.cpu_count() or 1)
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = ctx
+        ctx_params.n_batch = batch
+        ctx_params.n_ubatch = batch
+        ctx_params.n_seq_max = max_sequences
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
+        # One KV buffer for all sequences, so a copied prompt shares its cells instead of
+        # being duplicated; full-size sliding-window cache, so a cached prefix stays reusable.
+        ctx_params.kv_unified = True
+        ctx_params.swa_full = True
+        ctx_params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise SpectrumError(f"llama.cpp could not create a context of {ctx} tokens "
+                                "(out of memory? try a smaller --ctx)")
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch = llama_cpp.llama_n_batch(self._ctx)
+        self.max_sequences = llama_cpp.llama_n_seq_max(self._ctx)
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._lock = threading.RLock()
+        self.cached_tokens: list[int] = []  # what sequence 0 holds
+        self.metadata = self._read_metadata()
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = self._model = None
+
+    def __del__(self):
+        self.close()
+
+    # -- model facts --------------------------------------------------------------------------
+
+    def _read_metadata(self) -> dict[str, str]:
+        buf = ctypes.create_string_buffer(1 << 16)
+        metadata = {}
+        for i in range(llama_cpp.llama_model_meta_count(self._model)):
+            n = llama_cpp.llama_model_meta_key_by_index(self._model, i, buf, len(buf))
+            key = buf.value.decode("utf-8", "replace") if n >= 0 else None
+            n = llama_cpp.llama_model_meta_val_str_by_index(self._model, i, buf, len(buf))
+            if key and n >= 0:
+                metadata[key] = buf.value.decode("utf-8", "replace")
+        # Long values (the chat template) do not fit the buffer: ask for them by name.
+        for key in ("tokenizer.chat_template",):
+            if key in metadata:
+                metadata[key] = self._meta_value(key, 1 << 20)
+        return metadata
+
+    def _meta_value(self, key: str, size: int) -> str:
+        buf = ctypes.create_string_buffer(size)
+        llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+        return buf.value.decode("utf-8", "replace")
+
+    def model_size(self) -> int:
+        return llama_cpp.llama_model_size(self._model)
+
+    def n_params(self) -> int:
+        return llama_cpp.llama_model_n_params(self._model)
+
+    def description(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self._model, buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    # -- tokens -------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        """Plain text to tokens: nothing in ``text`` is read as a control token, no BOS added."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, False, False)
+        if n < 0:
+            raise SpectrumError(f"tokenizer failed on {len(data)} bytes of text")
+        return list(tokens[:n])
+
+    def control_token(self, marker: str) -> int | None:
+        """The id of a control marker such as ``<end_of_turn>``, or None if the vocabulary has
+        no single control token for it."""
+        data = marker.encode("utf-8")
+        tokens = (llama_cpp.llama_token * 8)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, 8, False, True)
+        if n != 1 or self.token_text(tokens[0], special=True) != marker:
+            return None
+        return tokens[0]
+
+    def token_text(self, token: int, *, special: bool = True) -> str:
+        return self.token_bytes(token, special=special).decode("utf-8", "replace")
+
+    def token_bytes(self, token: int, *, special: bool = True) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:max(n, 0)]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        # Whole sequences at once, so multi-byte characters split over tokens come out whole.
+        data = b"".join(self.token_bytes(t, special=False) for t in tokens)
+        return data.decode("utf-8", "replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    def _decode(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int],
+                logits: Sequence[bool]) -> None:
+        b = self._batch
+        n = len(tokens)
+        b.n_tokens = n
+        for i in range(n):
+            b.token[i] = tokens[i]
+            b.pos[i] = positions[i]
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq_ids[i]
+            b.logits[i] = logits[i]
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc == 1:
+            raise SpectrumError(f"the context ({self.n_ctx} tokens) is full; raise --ctx")
+        if rc != 0:
+            raise SpectrumError(f"llama_decode failed with code {rc}")
+
+    def _logits_rows(self, indices: Sequence[int]) -> np.ndarray:
+        rows = np.empty((len(indices), self.n_vocab), dtype=np.float32)
+        for r, i in enumerate(indices):
+            ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
+            rows[r] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return rows
+
+    def _forget_continuations(self) -> None:
+        # Sequences 1.. are scratch; only sequence 0 (the cached prompt) survives a call.
+        llama_cpp.llama_memory_seq_rm(self._memory, -1, len(self.cached_tokens), -1)
+        for seq in range(1, self.max_sequences):
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+
+    def _prefill(self, prompt: Sequence[int]) -> np.ndarray:
+        """Make sequence 0 hold ``prompt``, evaluating only what the cache lacks; returns the
+        logits at the prompt's last position."""
+        if not prompt:
+            raise InputError("the prompt is empty")
+        if len(prompt) >= self.n_ctx:
+            raise InputError(f"the prompt is {len(prompt)} tokens but the context holds "
+                             f"{self.n_ctx}; raise --ctx (the model was trained on "
+                             f"{self.n_ctx_train})")
+        keep = 0
+        for a, b in zip(self.cached_tokens, prompt):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(prompt) - 1)  # re-evaluate at least one token for its logits
+        llama_cpp.llama_memory_seq_rm(self._memory, 0, keep, -1)
+        self.cached_tokens = list(prompt[:keep])
+        self._forget_continuations()
+        for start in range(keep, len(prompt), self.n_batch):
+            chunk = prompt[start:start + self.n_batch]
+            end = start + len(chunk)
+            self._decode(chunk, range(start, end), [0] * len(chunk),
+                         [i == len(prompt) - 1 for i in range(start, end)])
+            self.cached_tokens = list(prompt[:end])
+        return self._logits_rows([len(chunk) - 1])[0]
+
+    def prompt_logits(self, prompt: Sequence[int]) -> np.ndarray:
+        """Next-token logits after ``prompt``."""
+        with self._lock:
+            return self._prefill(prompt)
+
+    def continuation_logprobs(self, prompt: Sequence[int],
+                              continuations: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
+        """For each ``(start, tokens)``, the log-probability of each of ``tokens`` placed at
+        positions start.. after ``prompt[:start]``. ``start`` is normally ``len(prompt)``; it is
+        smaller when a tokenizer merges the continuation into the prompt's last text."""
+        with self._lock:
+            prompt_row = log_softmax(self._prefill(prompt)[None])[0]
+            results: list[np.ndarray | None] = [None] * len(continuations)
+            for group in self._groups(prompt, continuations):
+                self._continuation_group(prompt, prompt_row, continuations, group, results)
+            return results  # type: ignore[return-value]
+
+    def _groups(self, prompt, continuations) -> list[list[int]]:
+        """Split continuations into runs that fit the free sequences and KV cells at once."""
+        free_cells = self.n_ctx - len(prompt)
+        groups: list[list[int]] = [[]]
+        used = 0
+        for i, (start, tokens) in enumerate(continuations):
+            need = len(tokens) + (len(prompt) - start)
+            if need > free_cells:
+                raise InputError(f"candidate {i + 1} needs {need} tokens after a {len(prompt)}-token "
+                                 f"prompt but the context holds {self.n_ctx}; raise --ctx")
+            if groups[-1] and (len(groups[-1]) >= self.max_sequences - 1 or used + need > free_cells):
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += need
+        return groups
+
+    def _continuation_group(self, prompt, prompt_row, continuations, group, results) -> None:
+        # Each continuation decodes all its tokens but the last (whose probability comes from
+        # the row before it), plus the prompt tokens it does not share (rare, see above).
+        tokens, positions, seq_ids, wants = [], [], [], []
+        for seq, i in enumerate(group, start=1):
+            start, cont = continuations[i]
+            first = start if start == len(prompt) else start - 1
+            llama_cpp.llama_memory_seq_cp(self._memory, 0, seq, 0, first)
+            full = list(prompt[:start]) + list(cont)
+            for pos in range(first, len(full) - 1):
+                tokens.append(full[pos])
+                positions.append(pos)
+                seq_ids.append(seq)
+                wants.append(pos >= start - 1)
+        rows_by_seq: dict[int, list[np.ndarray]] = {seq: [] for seq in range(1, len(group) + 1)}
+        for lo in range(0, len(tokens), self.n_batch):
+            hi = min(lo + self.n_batch, len(tokens))
+            self._decode(tokens[lo:hi], positions[lo:hi], seq_ids[lo:hi], wants[lo:hi])
+            idx = [j - lo for j in range(lo, hi) if wants[j]]
+            rows = log_softmax(self._logits_rows(idx))
+            for j, row in zip((j for j in range(lo, hi) if wants[j]), rows):
+                rows_by_seq[seq_ids[j]].append(row)
+        for seq, i in enumerate(group, start=1):
+            start, cont = continuations[i]
+            rows = rows_by_seq[seq]
+            if start == len(prompt):
+                rows = [prompt_row] + rows
+            results[i] = np.array([row[t] for row, t in zip(rows, cont)], dtype=np.float64)
+        self._forget_continuations()
+
+    def sample(self, prompt: Sequence[int], n: int, max_tokens: int, settings: SamplerSettings,
+               seed: int | None, stop_tokens: set[int]) -> list[tuple[list[int], str]]:
+        """``n`` independent continuations of ``prompt``, decoded side by side. Returns each
+        one's tokens (without the stop token) and why it ended: "stop" or "length"."""
+        with self._lock:
+            if len(prompt) + max_tokens > self.n_ctx:
+                max_tokens = self.n_ctx - len(prompt)
+            results: list[tuple[list[int], str]] = []
+            for lo in range(0, n, self.max_sequences - 1):
+                count = min(n - lo, self.max_sequences - 1)
+                seeds = [None if seed is None else seed + lo + j for j in range(count)]
+                results += self._sample_group(prompt, count, max_tokens, settings, seeds, stop_tokens)
+            return results
+
+    def _sample_group(self, prompt, count, max_tokens, settings, seeds, stop_tokens):
+        self._prefill(prompt)  # its last decode holds the row every sample starts from
+        chains = [self._sampler_chain(settings, s) for s in seeds]
+        try:
+            outputs: list[list[int]] = [[] for _ in range(count)]
+            reasons = ["length"] * count
+            live = []  # (sequence index, batch index of its logits row)
+            for j in range(count):
+                llama_cpp.llama_memory_seq_cp(self._memory, 0, j + 1, -1, -1)
+                live.append((j, -1))  # all start from the prompt's last row
+            step = 0
+            while live:
+                nxt = []
+                for j, row in live:
+                    token = llama_cpp.llama_sampler_sample(chains[j], self._ctx, row)
+                    if token in stop_tokens or self.is_end_of_generation(token):
+                        reasons[j] = "stop"
+                    else:
+                        outputs[j].append(token)
+                        if len(outputs[j]) < max_tokens:
+                            nxt.append(j)
+                if not nxt:
+                    break
+                pos = len(prompt) + step
+                self._decode([outputs[j][-1] for j in nxt], [pos] * len(nxt),
+                             [j + 1 for j in nxt], [True] * len(nxt))
+                live = [(j, b) for b, j in enumerate(nxt)]
+                step += 1
+            return list(zip(outputs, reasons))
+        finally:
+            for chain in chains:
+                llama_cpp.llama_sampler_free(chain)
+            self._forget_continuations()
+
+    @staticmethod
+    def _sampler_chain(settings: SamplerSettings, seed: int | None):
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        # Only samplers that change something are added: the default chain is just "dist".
+        if settings.repeat_penalty != 1.0:
+            add(llama_cpp.llama_sampler_init_penalties(64, settings.repeat_penalty, 0.0, 0.0))
+        if settings.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(settings.top_k))
+        if settings.top_p < 1.0:
+            add(llama_cpp.llama_sampler_init_top_p(settings.top_p, 1))
+        if settings.min_p > 0.0:
+            add(llama_cpp.llama_sampler_init_min_p(settings.min_p, 1))
+        if settings.temperature == 0.0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            if settings.temperature != 1.0:
+                add(llama_cpp.llama_sampler_init_temp(settings.temperature))
+            add(llama_cpp.llama_sampler_init_dist(
+                llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF))
+        return chain
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 for the sums that follow."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
+
+
+def quantize(src: str, dst: str, outtype: str, threads: int | None = None) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer (used by the converter)."""
+    ftypes = {
+        "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+        "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
+        "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
+        "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+        "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+    }
+    if outtype not in ftypes:
+        raise InputError(f"cannot quantize to {outtype!r}; choose one of {', '.join(ftypes)}")
+    _init_backend()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftypes[outtype]
+    params.nthread = threads or 0
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SpectrumError(f"llama.cpp failed to quantize {src} to {outtype} (code {rc})")

