@@ -1,0 +1,167 @@
+"""Convert a spectrum checkpoint (Hugging Face safetensors) to a GGUF the runtime loads as is.
+
+    from spectrum_local.convert import convert
+    convert("tsor13/spectrum-gemma-3-12b-v1", outtype="q4_k_m")
+
+F32/F16/BF16 are written directly. Quantized types are made by llama.cpp's own quantizer from
+a lossless intermediate (the checkpoint's own float type), deleted afterwards unless asked.
+Files are written under a temporary name in the target folder, read back and checked, then
+renamed, so a failed run never leaves a half-written model under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+
+from spectrum_local.errors import InputError, SpectrumError
+from spectrum_local.formats import get_format
+
+from . import sizes
+from .checkpoint import Checkpoint, open_checkpoint
+from .families import Family, TensorPlan, family_for
+from .vocab import load_vocab, write_vocab
+from .writer import SOURCE_TYPES, tensor_nbytes, validate, write_gguf
+
+Q = gguf.GGMLQuantizationType
+DIRECT = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
+QUANTIZED = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+OUTTYPES = (*DIRECT, *QUANTIZED)
+FILE_TYPES = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
+              "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+HEADROOM = 64 << 20  # metadata and alignment padding, generously
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    outtype: str
+    format: str
+    n_tensors: int
+    n_params: int
+    file_size: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (f"wrote {self.path} ({self.outtype.upper()}, format {self.format}): "
+                f"{self.n_tensors} tensors, {self.n_params / 1e9:.3g} B parameters, "
+                f"{self.file_size / 1e9:.3g} GB in {self.seconds:.0f} s")
+
+
+def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, outtype: str = "f16",
+            format: str = "auto", revision: str | None = None, force: bool = False,
+            keep_intermediate: bool = False, progress: bool = True) -> ConvertResult:
+    """Convert ``source`` (a checkpoint folder or a hub repo id) to a GGUF at ``out``
+    (default: ``<model>-<OUTTYPE>.gguf`` in the current folder)."""
+    start = time.monotonic()
+    outtype = outtype.lower()
+    if outtype not in OUTTYPES:
+        raise InputError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    ckpt = open_checkpoint(source, revision)
+    family = family_for(ckpt.config)
+    fmt = get_format(family.format if format == "auto" else format)
+    path = _output_path(out, ckpt, outtype)
+    if path.exists() and not force:
+        raise InputError(f"{path} exists; pass --force to overwrite it")
+    plans = family.plan(ckpt)
+
+    def add_metadata(w: gguf.GGUFWriter) -> None:
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(ckpt.name)
+        if ckpt.repo_id:
+            w.add_source_repo_url(f"https://huggingface.co/{ckpt.repo_id}")
+        if isinstance(license := gguf.Metadata.load_model_card(ckpt.folder).get("license"), str):
+            w.add_license(license)
+        family.write_hparams(w)
+        vocab = load_vocab(ckpt.folder, family, family.n_vocab(plans))
+        write_vocab(w, vocab, ckpt.folder, fmt)
+
+    if outtype in DIRECT:
+        qtype = DIRECT[outtype]
+        _check_disk(path.parent, _direct_nbytes(plans, qtype))
+        with _staged(path) as tmp:
+            write_gguf(tmp, plans, qtype, add_metadata, family.arch_name, progress)
+            validate(tmp, {p.name: (Q.F32 if p.keep_f32 else qtype) for p in plans})
+    else:
+        qtype = SOURCE_TYPES[ckpt.dtype]  # lossless: the quantizer reads the source's own values
+        final = sizes.data_nbytes([sizes.Tensor(p.name, p.shape, p.keep_f32) for p in plans],
+                                  outtype, family.n_layers)
+        _check_disk(path.parent, _direct_nbytes(plans, qtype) + final)
+        intermediate = path.with_name(f"{path.stem}.{qtype.name}.gguf")
+        if intermediate.exists() and not force:
+            raise InputError(f"{intermediate} exists; pass --force to overwrite it")
+        with _staged(intermediate) as tmp:  # checked below, through the quantized file
+            write_gguf(tmp, plans, qtype, add_metadata, family.arch_name, progress)
+        try:
+            with _staged(path) as tmp:
+                _quantize(intermediate, tmp, outtype, progress)
+                reader = validate(tmp, [p.name for p in plans])
+                file_type = reader.get_field(gguf.Keys.General.FILE_TYPE).contents()
+                if file_type != FILE_TYPES[outtype]:
+                    raise SpectrumError(f"{path}: file type {file_type}, expected {outtype}")
+        finally:
+            if not keep_intermediate:
+                intermediate.unlink(missing_ok=True)
+    result = ConvertResult(path, outtype, fmt.name, len(plans), sum(p.n_params for p in plans),
+                           path.stat().st_size, time.monotonic() - start)
+    if progress:
+        print(result.summary(), file=sys.stderr)
+    return result
+
+
+def _output_path(out: str | os.PathLike | None, ckpt: Checkpoint, outtype: str) -> Path:
+    default = f"{ckpt.name}-{outtype.upper()}.gguf"
+    if out is None:
+        return Path.cwd() / default
+    path = Path(out).expanduser()
+    return path / default if path.is_dir() else path
+
+
+def _direct_nbytes(plans: list[TensorPlan], qtype: Q) -> int:
+    return sum(tensor_nbytes(p, qtype) for p in plans)
+
+
+def _check_disk(folder: Path, needed: int) -> None:
+    if not folder.is_dir():
+        raise InputError(f"output folder {folder} does not exist")
+    free = shutil.disk_usage(folder).free
+    if free < needed + HEADROOM:
+        raise SpectrumError(f"not enough disk space in {folder}: the conversion needs about "
+                            f"{(needed + HEADROOM) / 1e9:.1f} GB, {free / 1e9:.1f} GB are free")
+
+
+@contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path``, renamed onto it only if the block succeeds."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _quantize(src: Path, dst: Path, outtype: str, progress: bool) -> None:
+    from spectrum_local.engine import quantize  # llama.cpp, only needed for quantized types
+
+    if progress:
+        print(f"quantizing to {outtype.upper()} with llama.cpp ...", file=sys.stderr)
+    start = time.monotonic()
+    quantize(str(src), str(dst), outtype)
+    if progress:
+        print(f"quantized in {time.monotonic() - start:.0f} s", file=sys.stderr)
+
+
+__all__ = ["convert", "ConvertResult", "OUTTYPES"]
