@@ -122,6 +122,9 @@ class Engine:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._lock = threading.RLock()
         self.cached_tokens: list[int] = []  # what sequence 0 holds
+        self._prompt_row = np.empty(0, dtype=np.float32)  # logits after cached_tokens
+        self._candidates = (llama_cpp.llama_token_data * self.n_vocab)()
+        self.tokens_evaluated = 0  # tokens sent to llama_decode so far (for tests and the bench)
         self.metadata = self._read_metadata()
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -221,6 +224,7 @@ class Engine:
             b.seq_id[i][0] = seq_ids[i]
             b.logits[i] = logits[i]
         rc = llama_cpp.llama_decode(self._ctx, b)
+        self.tokens_evaluated += n
         if rc == 1:
             raise SpectrumError(f"the context ({self.n_ctx} tokens) is full; raise --ctx")
         if rc != 0:
@@ -241,19 +245,24 @@ class Engine:
 
     def _prefill(self, prompt: Sequence[int]) -> np.ndarray:
         """Make sequence 0 hold ``prompt``, evaluating only what the cache lacks; returns the
-        logits at the prompt's last position."""
+        logits at the prompt's last position. The row of the cached prompt is kept, so a
+        repeated prompt gets exactly the same numbers (re-decoding its last token alone would
+        round differently on quantized kernels, and change seeded samples)."""
         if not prompt:
             raise InputError("the prompt is empty")
         if len(prompt) >= self.n_ctx:
             raise InputError(f"the prompt is {len(prompt)} tokens but the context holds "
                              f"{self.n_ctx}; raise --ctx (the model was trained on "
                              f"{self.n_ctx_train})")
+        if list(prompt) == self.cached_tokens:
+            self._forget_continuations()
+            return self._prompt_row
         keep = 0
         for a, b in zip(self.cached_tokens, prompt):
             if a != b:
                 break
             keep += 1
-        keep = min(keep, len(prompt) - 1)  # re-evaluate at least one token for its logits
+        keep = min(keep, len(prompt) - 1)  # evaluate at least one token, for its logits
         llama_cpp.llama_memory_seq_rm(self._memory, 0, keep, -1)
         self.cached_tokens = list(prompt[:keep])
         self._forget_continuations()
@@ -263,7 +272,8 @@ class Engine:
             self._decode(chunk, range(start, end), [0] * len(chunk),
                          [i == len(prompt) - 1 for i in range(start, end)])
             self.cached_tokens = list(prompt[:end])
-        return self._logits_rows([len(chunk) - 1])[0]
+        self._prompt_row = self._logits_rows([len(chunk) - 1])[0]
+        return self._prompt_row
 
     def prompt_logits(self, prompt: Sequence[int]) -> np.ndarray:
         """Next-token logits after ``prompt``."""
@@ -344,20 +354,22 @@ class Engine:
             return results
 
     def _sample_group(self, prompt, count, max_tokens, settings, seeds, stop_tokens):
-        self._prefill(prompt)  # its last decode holds the row every sample starts from
+        prompt_row = self._prefill(prompt)
         chains = [self._sampler_chain(settings, s) for s in seeds]
         try:
             outputs: list[list[int]] = [[] for _ in range(count)]
             reasons = ["length"] * count
-            live = []  # (sequence index, batch index of its logits row)
             for j in range(count):
                 llama_cpp.llama_memory_seq_cp(self._memory, 0, j + 1, -1, -1)
-                live.append((j, -1))  # all start from the prompt's last row
+            # Every sample's first token comes from the prompt's row; later ones from the
+            # row of that sample's previous token in the last batch.
+            live = [(j, None) for j in range(count)]
             step = 0
             while live:
                 nxt = []
                 for j, row in live:
-                    token = llama_cpp.llama_sampler_sample(chains[j], self._ctx, row)
+                    token = (self._sample_row(chains[j], prompt_row) if row is None else
+                             llama_cpp.llama_sampler_sample(chains[j], self._ctx, row))
                     if token in stop_tokens or self.is_end_of_generation(token):
                         reasons[j] = "stop"
                     else:
@@ -376,6 +388,19 @@ class Engine:
             for chain in chains:
                 llama_cpp.llama_sampler_free(chain)
             self._forget_continuations()
+
+    def _sample_row(self, chain, logits: np.ndarray) -> int:
+        """Run a sampler chain on a logits row we hold (not one in the context)."""
+        view = np.ctypeslib.as_array(self._candidates)
+        view["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        view["logit"] = logits
+        view["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            ctypes.cast(self._candidates, llama_cpp.llama_token_data_p), self.n_vocab, -1, False)
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+        token = self._candidates[array.selected].id
+        llama_cpp.llama_sampler_accept(chain, token)
+        return token
 
     @staticmethod
     def _sampler_chain(settings: SamplerSettings, seed: int | None):

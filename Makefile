@@ -1,0 +1,35 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Each creates .venv with the machine's Python and installs what it needs; llama-cpp-python
+# compiles llama.cpp on first install (about 5 minutes on 2 cores; pip caches the wheel).
+# GPU builds: CMAKE_ARGS="-DGGML_METAL=on" (macOS) or CMAKE_ARGS="-DGGML_CUDA=on" make demo
+# (see the README for forcing a rebuild when a CPU wheel is already cached).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DICE := "Roll two six-sided dice. What is the sum of their values?"
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[demo]'
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@ $(VENV)/.demo-installed
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/spectrum-local score --description $(DICE) --candidates 2..12
+
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.test-installed
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

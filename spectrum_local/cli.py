@@ -1,0 +1,274 @@
+"""The ``spectrum-local`` command line: thin commands over the Python API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from . import candidates as candidate_specs
+from . import display, formats
+from .errors import InputError, SpectrumError
+from .model import SpectrumModel, load
+
+EXAMPLES = """
+\b
+Examples:
+  spectrum-local score -d "Roll two six-sided dice. What is the sum of their values?" -c 2..12
+  spectrum-local sample -d "Board games" -o Catan -o Chess -n 8
+  spectrum-local top -d "A random US state" -k 10
+  spectrum-local info --model spectrum-gemma-3-12b-v1-Q4_K_M.gguf
+"""
+
+
+class SpectrumGroup(click.Group):
+    """Turns the runtime's errors into one line and an exit code: 2 for bad input, 1 for a
+    failure, 130 for Ctrl-C."""
+
+    def invoke(self, ctx: click.Context):
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except InputError as e:
+                raise _Failure(str(e), 2) from None
+            except SpectrumError as e:
+                raise _Failure(str(e), 1) from None
+            except KeyboardInterrupt:
+                click.echo("interrupted", err=True)
+                ctx.exit(130)
+
+
+class _Failure(click.ClickException):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"warning: {message}", err=True)
+
+
+class MessageCommand(click.Command):
+    """Keeps the command-line order of -d/-i/-o, so input/output pairs interleave as typed
+    (Click on its own groups a repeated option's values together)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+        ctx.meta["message_order"] = [p.name for p in order if p.name in formats.ROLES]
+        return super().parse_args(ctx, args)
+
+
+def message_options(command):
+    options = [
+        click.option("--description", "-d", multiple=True,
+                     help="What to generate: a description of the distribution."),
+        click.option("--input", "-i", "input", multiple=True,
+                     help="An example input (repeatable; pairs with the -o that follows it)."),
+        click.option("--output", "-o", multiple=True,
+                     help="An example output (repeatable; order on the command line is kept)."),
+        click.option("--messages", "messages_file", type=click.Path(allow_dash=True),
+                     help='JSON file (or - for stdin) holding [{"role": ..., "content": ...}]; '
+                          "its messages come before any -d/-i/-o."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+
+
+def model_options(command):
+    options = [
+        click.option("--model", "-m", metavar="GGUF",
+                     help="A .gguf file, or REPO_ID:FILE.gguf on the Hugging Face hub. "
+                          "Default: $SPECTRUM_LOCAL_MODEL, else the small demo model."),
+        click.option("--format", "format_name", type=click.Choice(sorted(formats.FORMATS)),
+                     help="The prompt format; default: read from the GGUF."),
+        click.option("--gpu-layers", type=click.IntRange(min=-1),
+                     help="Layers to offload to the GPU (-1: all). Default: all when llama.cpp "
+                          "was built with Metal or CUDA, else 0."),
+        click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all)."),
+        click.option("--ctx", "ctx_size", type=click.IntRange(min=32), default=4096, show_default=True,
+                     help="Context size in tokens: prompt plus what is scored or sampled."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+
+
+def _messages(ctx: click.Context, description, input, output, messages_file) -> list[formats.Message]:
+    messages = []
+    if messages_file:
+        messages += _read_messages_file(messages_file)
+    values = {"description": list(description), "input": list(input), "output": list(output)}
+    for role in ctx.meta.get("message_order", []):
+        messages.append({"role": role, "content": values[role].pop(0)})
+    return formats.parse_messages(messages)
+
+
+def _read_messages_file(path: str) -> list:
+    name = "stdin" if path == "-" else path
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        parsed = json.loads(data.decode("utf-8"))
+    except OSError as e:
+        raise InputError(f"cannot read messages file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"messages from {name} are not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"messages from {name} are not valid JSON: {e.msg} at line {e.lineno}, "
+                         f"column {e.colno}") from None
+    if not isinstance(parsed, list):
+        raise InputError(f'messages from {name} must be a JSON list of {{"role", "content"}} objects')
+    return parsed
+
+
+def _load(model, format_name, gpu_layers, threads, ctx_size) -> SpectrumModel:
+    spectrum_model = load(model, format=format_name, gpu_layers=gpu_layers, threads=threads,
+                          ctx=ctx_size)
+    if spectrum_model.notice:
+        click.echo(spectrum_model.notice, err=True)
+    return spectrum_model
+
+
+def _emit_json(model: SpectrumModel, **fields) -> None:
+    click.echo(json.dumps({"model": model.path, "format": model.format, **fields},
+                          ensure_ascii=False))
+
+
+@click.group(cls=SpectrumGroup, epilog=EXAMPLES)
+@click.version_option(package_name="spectrum-local")
+def cli():
+    """Run spectrum-tuned language models offline: sample i.i.d. outputs, read next-token
+    probabilities, and score whole candidate answers.
+
+    A prompt is a description (-d), example inputs (-i) and example outputs (-o), or a JSON
+    messages file. Message text is always plain text, never control tokens.
+    """
+
+
+@cli.command(cls=MessageCommand, epilog=EXAMPLES)
+@message_options
+@click.option("--candidates", "-c", "candidate_specs_", multiple=True, metavar="SPEC",
+              help="Candidates: a range 2..12 or 0..100..10 (inclusive), or a comma list "
+                   '"Fred,John" (repeatable).')
+@click.option("--candidates-file", multiple=True, type=click.Path(dir_okay=False),
+              help="A file with one candidate per line, kept exactly (repeatable).")
+@model_options
+@click.pass_context
+def score(ctx, description, input, output, messages_file, candidate_specs_, candidates_file,
+          model, format_name, gpu_layers, threads, ctx_size, as_json):
+    """Probability of each candidate answer as a whole output.
+
+    For each candidate: P(its tokens, then the end-of-output token | prompt). Coverage is the
+    sum over candidates (the mass the model puts on the set); normalized = prob / coverage.
+    Repeated candidates are scored once; an empty candidate is an error.
+    """
+    messages = _messages(ctx, description, input, output, messages_file)
+    candidates = candidate_specs.collect(candidate_specs_, candidates_file)
+    if not candidates:
+        raise InputError("no candidates: give --candidates (e.g. -c 2..12) or --candidates-file")
+    m = _load(model, format_name, gpu_layers, threads, ctx_size)
+    result = m.score(messages, candidates)
+    if as_json:
+        _emit_json(m, coverage=result.coverage, candidates=[c.to_dict() for c in result.candidates])
+    else:
+        click.echo(display.score_table(result))
+
+
+@cli.command(cls=MessageCommand, epilog=EXAMPLES)
+@message_options
+@click.option("-n", type=click.IntRange(min=1), default=1, show_default=True,
+              help="How many i.i.d. outputs.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Stop an output after this many tokens.")
+@click.option("--seed", type=int, help="Makes runs reproducible.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="1 is the model's own distribution; 0 is greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Keep only the k most likely tokens (0: off).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+              show_default=True, help="Nucleus truncation (1: off).")
+@click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Drop tokens below min-p x the top probability (0: off).")
+@click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, help="Penalise repeated tokens (1: off).")
+@model_options
+@click.pass_context
+def sample(ctx, description, input, output, messages_file, n, max_tokens, seed, temperature,
+           top_k, top_p, min_p, repeat_penalty, model, format_name, gpu_layers, threads,
+           ctx_size, as_json):
+    """Draw N i.i.d. outputs.
+
+    The defaults are the model card's: temperature 1 and no truncation, i.e. samples from
+    exactly the distribution the model was trained to match. Each output ends at the
+    end-of-output token or after --max-tokens.
+    """
+    messages = _messages(ctx, description, input, output, messages_file)
+    m = _load(model, format_name, gpu_layers, threads, ctx_size)
+    samples = m.sample(messages, n, max_tokens=max_tokens, seed=seed, temperature=temperature,
+                       top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
+    if as_json:
+        _emit_json(m, samples=[s.to_dict() for s in samples])
+    else:
+        click.echo(display.sample_list(samples))
+
+
+@cli.command(cls=MessageCommand, epilog=EXAMPLES)
+@message_options
+@click.option("-k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="How many tokens to show.")
+@click.option("--prefix", default="", help="Output text already written; show what follows it.")
+@model_options
+@click.pass_context
+def top(ctx, description, input, output, messages_file, k, prefix, model, format_name,
+        gpu_layers, threads, ctx_size, as_json):
+    """The K most likely first tokens of the output, with their probabilities."""
+    messages = _messages(ctx, description, input, output, messages_file)
+    m = _load(model, format_name, gpu_layers, threads, ctx_size)
+    tokens = m.top(messages, k, prefix=prefix)
+    if as_json:
+        _emit_json(m, tokens=[t.to_dict() for t in tokens])
+    else:
+        click.echo(display.top_table(tokens))
+
+
+@cli.command()
+@model_options
+def info(model, format_name, gpu_layers, threads, ctx_size, as_json):
+    """What a model file is, and what llama.cpp was built with."""
+    from .engine import supports_gpu_offload, system_info
+
+    m = _load(model, format_name, gpu_layers, threads, ctx_size)
+    meta, engine = m.engine.metadata, m.engine
+    details = {
+        "model": m.path,
+        "name": meta.get("general.name"),
+        "architecture": meta.get("general.architecture"),
+        "description": engine.description(),
+        "file_size": os.path.getsize(m.path),
+        "parameters": engine.n_params(),
+        "format": m.format,
+        "format_from": "spectrum.format" if "spectrum.format" in meta else
+                       ("--format" if format_name else "architecture"),
+        "context_trained": engine.n_ctx_train,
+        "context": engine.n_ctx,
+        "chat_template": "tokenizer.chat_template" in meta,
+        "gpu_offload": supports_gpu_offload(),
+        "backend": system_info(),
+    }
+    if as_json:
+        click.echo(json.dumps(details, ensure_ascii=False))
+        return
+    for key, value in details.items():
+        if key == "file_size":
+            value = f"{value / 2**20:,.1f} MiB"
+        elif key == "parameters":
+            value = f"{value / 1e6:,.1f} M"
+        click.echo(f"{key.replace('_', ' '):<16} {value}")
+
+
+def main() -> None:
+    cli(prog_name="spectrum-local")

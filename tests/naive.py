@@ -1,0 +1,47 @@
+"""The naive reference: llama-cpp-python's high-level Llama, one full evaluation per
+candidate, with logits at every position. Shared by the tests (as an independent second code
+path) and the benchmark (as the baseline)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import llama_cpp
+import numpy as np
+
+from spectrum_local.engine import use_extra_buffer_types
+
+
+@contextlib.contextmanager
+def _same_model_params():
+    # Llama builds its model params itself; give it the engine's CPU buffer choice (AMX off).
+    # llama.py calls it through the llama_cpp.llama_cpp submodule.
+    api = llama_cpp.llama_cpp
+    original = api.llama_model_default_params
+
+    def patched():
+        params = original()
+        params.use_extra_bufts = use_extra_buffer_types()
+        return params
+
+    api.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        api.llama_model_default_params = original
+
+
+def naive_llama(path: str, n_ctx: int = 2048) -> llama_cpp.Llama:
+    with _same_model_params():
+        return llama_cpp.Llama(path, n_ctx=n_ctx, logits_all=True, verbose=False)
+
+
+def sequence_logprob(llm: llama_cpp.Llama, context: Sequence[int], tokens: Sequence[int]) -> float:
+    """log P(tokens | context), evaluating context + tokens from scratch."""
+    llm.reset()
+    llm.eval(list(context) + list(tokens[:-1]))
+    rows = np.asarray(llm.scores[len(context) - 1:len(context) - 1 + len(tokens)], dtype=np.float64)
+    rows -= rows.max(axis=1, keepdims=True)
+    logprobs = rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
+    return float(sum(logprobs[i, t] for i, t in enumerate(tokens)))
