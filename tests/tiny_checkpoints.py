@@ -139,6 +139,26 @@ def gemma3_as_conditional_generation(causal: Path, folder: Path, layout: str) ->
     return folder
 
 
+def random_text_weights(config: dict) -> dict[str, torch.Tensor]:
+    """Random Gemma 3 text weights for ``config``, made directly (no model object), for
+    checkpoints too big to build through transformers quickly."""
+    generator = torch.Generator().manual_seed(SEED)
+    h, ff, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
+    for i in range(config["num_hidden_layers"]):
+        b = f"model.layers.{i}."
+        shapes.update({
+            b + "self_attn.q_proj.weight": (q, h), b + "self_attn.k_proj.weight": (kv, h),
+            b + "self_attn.v_proj.weight": (kv, h), b + "self_attn.o_proj.weight": (h, q),
+            b + "self_attn.q_norm.weight": (hd,), b + "self_attn.k_norm.weight": (hd,),
+            b + "mlp.gate_proj.weight": (ff, h), b + "mlp.up_proj.weight": (ff, h),
+            b + "mlp.down_proj.weight": (h, ff)})
+        for norm in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
+            shapes[b + norm + "_layernorm.weight"] = (h,)
+    return {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
+
+
 def build_llama3(folder: Path) -> Path:
     """LlamaForCausalLM with Llama 3.1's rope scaling (original context shortened so that all
     three regimes of the scaling show up in a short prompt), untied, sharded safetensors."""

@@ -1,0 +1,127 @@
+"""End to end: the installed command, as a user runs it, on the real default model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+DICE = "Roll two six-sided dice. What is the sum of their values?"
+
+
+def run(*args, stdin: bytes | None = None, env_model: str | None = None):
+    env = None
+    if env_model is not None:
+        import os
+        env = {**os.environ, "SPECTRUM_LOCAL_MODEL": env_model}
+    return subprocess.run([sys.executable, "-m", "spectrum_local", *args], input=stdin,
+                          capture_output=True, timeout=300, env=env)
+
+
+def run_json(*args, **kw):
+    proc = run(*args, "--json", **kw)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return json.loads(proc.stdout), proc.stderr.decode()
+
+
+def test_readme_score_command():
+    proc = run("score", "--description", DICE, "--candidates", "2..12")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode()
+    for n in range(2, 13):
+        assert f'"{n}"' in out
+    assert "coverage" in out and "█" in out
+    # The default model says once that it is not a spectrum model.
+    assert proc.stderr.decode().count("not spectrum-tuned") == 1
+
+
+def test_score_json_schema():
+    data, _ = run_json("score", "-d", DICE, "-c", "2..12")
+    assert set(data) == {"model", "format", "coverage", "candidates"}
+    assert data["format"] == "gemma3" and data["model"].endswith(".gguf")
+    assert [c["text"] for c in data["candidates"]] == [str(n) for n in range(2, 13)]
+    for c in data["candidates"]:
+        assert set(c) == {"text", "logprob", "prob", "normalized", "n_tokens"}
+    assert sum(c["normalized"] for c in data["candidates"]) == pytest.approx(1.0)
+    assert data["coverage"] == pytest.approx(sum(c["prob"] for c in data["candidates"]))
+
+
+def test_top_and_sample_json_schema():
+    data, _ = run_json("top", "-d", "A random US state", "-k", "5")
+    assert set(data) == {"model", "format", "tokens"}
+    assert len(data["tokens"]) == 5
+    assert all(set(t) == {"token", "id", "prob", "logprob"} for t in data["tokens"])
+    data, _ = run_json("sample", "-d", "Board games", "-o", "Catan", "-n", "3",
+                       "--max-tokens", "8", "--seed", "1")
+    assert set(data) == {"model", "format", "samples"}
+    assert len(data["samples"]) == 3
+    assert all(set(s) == {"text", "n_tokens", "finish_reason"} for s in data["samples"])
+
+
+def test_seeded_runs_are_reproducible_across_processes():
+    args = ("sample", "-d", "Board games", "-n", "4", "--max-tokens", "10", "--seed", "5")
+    assert run_json(*args)[0] == run_json(*args)[0]
+
+
+def test_command_line_order_of_inputs_and_outputs_is_kept(tmp_path):
+    interleaved = [{"role": "description", "content": "Opposites"},
+                   {"role": "input", "content": "hot"}, {"role": "output", "content": "cold"},
+                   {"role": "input", "content": "up"}, {"role": "output", "content": "down"},
+                   {"role": "input", "content": "big"}]
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps(interleaved))
+    from_file, _ = run_json("top", "--messages", str(f), "-k", "5")
+    from_flags, _ = run_json("top", "-d", "Opposites", "-i", "hot", "-o", "cold", "-i", "up",
+                             "-o", "down", "-i", "big", "-k", "5")
+    assert from_flags["tokens"] == from_file["tokens"]
+    grouped = interleaved[:1] + [interleaved[i] for i in (1, 3, 5, 2, 4)]
+    f.write_text(json.dumps(grouped))
+    from_grouped, _ = run_json("top", "--messages", str(f), "-k", "5")
+    assert from_grouped["tokens"] != from_flags["tokens"]
+
+
+def test_messages_from_stdin_and_info():
+    data, _ = run_json("top", "--messages", "-", "-k", "2",
+                       stdin=json.dumps([{"role": "description", "content": DICE}]).encode())
+    assert len(data["tokens"]) == 2
+    info, _ = run_json("info")
+    assert info["architecture"] == "gemma3" and info["format"] == "gemma3"
+    assert info["chat_template"] is False and info["parameters"] > 2e8
+
+
+@pytest.mark.parametrize("args,stdin,code,message", [
+    (("score", "-d", "x", "-c", "12..2"), None, 2, "invalid range"),
+    (("score", "-d", "x"), None, 2, "no candidates"),
+    (("score", "-d", "x", "-c", "a,,b"), None, 2, "empty string"),
+    (("top", "--messages", "-"), b"[{\"role\": \"system\", \"content\": \"x\"}]", 2, "unknown role"),
+    (("top", "--messages", "-"), b"{not json", 2, "not valid JSON"),
+    (("top", "--messages", "-"), b"\xff\xfe", 2, "not UTF-8"),
+    (("top", "-m", "/nonexistent/model.gguf", "-d", "x"), None, 2, "not found"),
+    (("sample", "-d", "x", "-n", "0"), None, 2, "-n"),
+    (("top", "-d", "x", "-k", "0"), None, 2, "-k"),
+    (("top", "-d", "word " * 3000, "--ctx", "512"), None, 2, "raise --ctx"),
+])
+def test_bad_input_is_one_clear_line(args, stdin, code, message):
+    proc = run(*args, stdin=stdin)
+    err = proc.stderr.decode()
+    assert proc.returncode == code, err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_not_a_gguf_is_a_runtime_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"this is not a gguf file" * 100)
+    proc = run("top", "-m", str(bad), "-d", "x")
+    assert proc.returncode == 1
+    assert "could not load" in proc.stderr.decode() and b"Traceback" not in proc.stderr
+
+
+def test_env_var_selects_the_model(tmp_path):
+    proc = run("top", "-d", "x", env_model=str(tmp_path / "missing.gguf"))
+    assert proc.returncode == 2 and "missing.gguf" in proc.stderr.decode()
+
+
+def test_help_teaches():
+    out = run("score", "--help").stdout.decode()
+    assert "2..12" in out and "coverage" in out.lower() and "--candidates-file" in out

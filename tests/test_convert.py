@@ -1,0 +1,376 @@
+"""The converter against independent references: transformers (log-probabilities, candidate
+probabilities), the Hugging Face tokenizers (token ids) and jinja2 (the embedded template).
+
+Tiny random checkpoints of each family are built once per session (tests/tiny_checkpoints.py).
+llama.cpp runs the GGUFs through llama-cpp-python's high-level Llama class with an F32 KV cache,
+a path independent of the runtime's engine; the runtime's own ``score`` is checked separately.
+
+Measured on these models (max abs difference of log-probabilities, every position, whole
+vocabulary, vs transformers in float32):
+  F32   gemma3 4.9e-4  llama3 2.4e-6  qwen3 2.7e-6   (gemma3's is llama.cpp's f16-table GELU;
+        without the MLP it is 5e-6)   -> bound 1e-3
+  Q8_0  see Q8_0_BOUND
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import jinja2
+import numpy as np
+import pytest
+import torch
+
+import spectrum_local
+from spectrum_local.convert import convert
+from spectrum_local.convert.checkpoint import load_tensor, open_checkpoint, to_float32
+from spectrum_local.convert.sizes import Tensor, data_nbytes
+from spectrum_local.errors import InputError
+from spectrum_local.formats import FORMATS, Message
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_checkpoints  # noqa: E402
+
+FAMILIES = ("gemma3", "llama3", "qwen3")
+F32_BOUND = 1e-3
+# Q8_0 vs transformers, max abs log-prob difference over every position and the whole
+# vocabulary: measured gemma3 ~0.01, llama3 ~0.01, qwen3 ~0.01 on these random models.
+Q8_0_BOUND = 0.05
+# Q4_K_M vs F16, runtime candidate log-probabilities: measured ~0.1 nat on the gemma3 model.
+Q4_K_M_BOUND = 0.5
+
+PROMPTS = [
+    [Message("description", "Roll two six-sided dice. What is the sum of their values?")],
+    [Message("description", "Café crème, naïve façade 🚀🦙 — ünïcödé"),
+     Message("input", "  runs   of    spaces  \n\n\nand\nnewlines\t tab"),
+     Message("output", "12345 3.14159 -7 1,000,000")],
+    [Message("description", ""), Message("input", ""), Message("output", "")],
+    [Message("output", '{"name": "Alice", "age": 30}'), Message("output", "😀 emoji 😶\u200d🌫️")],
+]
+CANDIDATES = [str(n) for n in range(2, 13)]
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: build(root / name) for name, build in tiny_checkpoints.BUILDERS.items()}
+
+
+@pytest.fixture(scope="session")
+def gguf_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gguf")
+
+
+@pytest.fixture(scope="session")
+def f32(checkpoints, gguf_dir) -> dict[str, Path]:
+    return {name: convert(path, gguf_dir / f"{name}-F32.gguf", "f32", progress=False).path
+            for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizers(checkpoints):
+    from transformers import AutoTokenizer
+    return {name: AutoTokenizer.from_pretrained(path) for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def hf_models(checkpoints):
+    from transformers import AutoModelForCausalLM
+    return {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
+            for name, path in checkpoints.items()}
+
+
+def prompt_text(family: str, messages: list[Message], **kw) -> str:
+    fmt = FORMATS[family]
+    return fmt.text(fmt.render(messages, **kw))
+
+
+def hf_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def llama_cpp_logprobs(path: Path, ids: list[int]) -> np.ndarray:
+    import llama_cpp
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                          n_threads=2)
+    try:
+        llm.eval(ids)
+        return log_softmax(np.array(llm.scores[:len(ids)]))
+    finally:
+        llm.close()
+
+
+def transformers_logprobs(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return log_softmax(model(torch.tensor([ids])).logits[0].numpy())
+
+
+def max_logprob_diff(family, path, hf_tokenizers, hf_models) -> float:
+    ids = hf_ids(hf_tokenizers[family], prompt_text(family, PROMPTS[1] + PROMPTS[3]))
+    return float(np.abs(llama_cpp_logprobs(path, ids)
+                        - transformers_logprobs(hf_models[family], ids)).max())
+
+
+def metadata(path: Path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+
+
+# --- tokens and template -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_ids_match_hf_tokenizer(family, f32, hf_tokenizers):
+    import llama_cpp
+    vocab = llama_cpp.Llama(str(f32[family]), vocab_only=True, verbose=False)
+    model = spectrum_local.load(str(f32[family]), ctx=256, threads=2)
+    try:
+        for messages in PROMPTS:
+            text = prompt_text(family, messages)
+            expected = hf_ids(hf_tokenizers[family], text)
+            assert vocab.tokenize(text.encode(), add_bos=False, special=True) == expected, text
+            assert model.prompt_tokens(messages) == expected, text  # the runtime's own path
+    finally:
+        model.close()
+        vocab.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_embedded_template_renders_the_runtime_prompt(family, f32):
+    meta = metadata(f32[family])
+    assert meta["spectrum.format"] == family
+    assert meta["tokenizer.ggml.add_bos_token"] == (FORMATS[family].bos is not None)
+    template = jinja2.Environment().from_string(meta["tokenizer.chat_template"])
+
+    def raise_exception(message):
+        raise ValueError(message)
+    for messages in PROMPTS:
+        dicts = [{"role": m.role, "content": m.content} for m in messages]
+        for add_generation_prompt, kw in ((True, {}), (False, {"output_prefix": None})):
+            rendered = template.render(messages=dicts, add_generation_prompt=add_generation_prompt,
+                                       raise_exception=raise_exception)
+            assert rendered == prompt_text(family, messages, **kw)
+
+
+def test_runtime_detects_the_format_from_the_gguf(f32):
+    for family, path in f32.items():
+        model = spectrum_local.load(str(path), ctx=256, threads=2)
+        try:
+            assert model.format == family
+        finally:
+            model.close()
+
+
+# --- numerics ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_f32_logprobs_match_transformers(family, f32, hf_tokenizers, hf_models):
+    diff = max_logprob_diff(family, f32[family], hf_tokenizers, hf_models)
+    print(f"{family} F32 max |logprob diff| = {diff:.2e}")
+    assert diff < F32_BOUND
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_q8_0_logprobs_close_to_transformers(family, checkpoints, gguf_dir, hf_tokenizers, hf_models):
+    result = convert(checkpoints[family], gguf_dir / f"{family}-Q8_0.gguf", "q8_0", progress=False)
+    diff = max_logprob_diff(family, result.path, hf_tokenizers, hf_models)
+    print(f"{family} Q8_0 max |logprob diff| = {diff:.2e}")
+    assert diff < Q8_0_BOUND
+
+
+def transformers_candidate_logprobs(family, messages, candidates, tokenizer, model) -> np.ndarray:
+    """The model card's method: one right-padded batch, log-probabilities of the candidate's
+    tokens and the end-of-output token after the prompt."""
+    prompt = hf_ids(tokenizer, prompt_text(family, messages))
+    fulls = [hf_ids(tokenizer, prompt_text(family, messages, candidate=c)) for c in candidates]
+    assert all(f[:len(prompt)] == prompt for f in fulls)  # no merge across the boundary
+    width = max(map(len, fulls))
+    ids = torch.tensor([f + [0] * (width - len(f)) for f in fulls])
+    mask = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f in fulls])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids, attention_mask=mask).logits.double(), -1)
+    return np.array([sum(float(logprobs[b, t - 1, f[t]]) for t in range(len(prompt), len(f)))
+                     for b, f in enumerate(fulls)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runtime_score_on_f32_matches_transformers(family, f32, hf_tokenizers, hf_models):
+    messages = PROMPTS[0]
+    expected = transformers_candidate_logprobs(family, messages, CANDIDATES,
+                                               hf_tokenizers[family], hf_models[family])
+    model = spectrum_local.load(str(f32[family]), ctx=512, threads=2)
+    try:
+        result = model.score(messages, CANDIDATES)
+    finally:
+        model.close()
+    got = np.array([c.logprob for c in result.candidates])
+    assert [c.text for c in result.candidates] == CANDIDATES
+    print(f"{family} runtime score vs transformers: max |logprob diff| = "
+          f"{np.abs(got - expected).max():.2e}")
+    assert np.abs(np.exp(got) - np.exp(expected)).max() < 1e-3
+    assert np.abs(got - expected).max() < 1e-3
+
+
+def test_q4_k_m_is_smaller_and_scores_close_to_f16(checkpoints, gguf_dir):
+    f16 = convert(checkpoints["gemma3"], gguf_dir / "gemma3-F16.gguf", "f16", progress=False)
+    q4 = convert(checkpoints["gemma3"], gguf_dir / "gemma3-Q4_K_M.gguf", "q4_k_m", progress=False)
+    assert q4.file_size < f16.file_size
+    assert not list(gguf_dir.glob("gemma3-Q4_K_M.*.gguf"))  # the intermediate is gone
+    scores = {}
+    for result in (f16, q4):
+        model = spectrum_local.load(str(result.path), ctx=512, threads=2)
+        try:
+            assert model.format == "gemma3"
+            scores[result.outtype] = np.array(
+                [c.logprob for c in model.score(PROMPTS[0], CANDIDATES).candidates])
+        finally:
+            model.close()
+    diff = np.abs(scores["q4_k_m"] - scores["f16"]).max()
+    print(f"gemma3 Q4_K_M vs F16 runtime score: max |logprob diff| = {diff:.3f}")
+    assert diff < Q4_K_M_BOUND
+
+
+@pytest.mark.parametrize("family,outtype", [("gemma3", "q4_k_m"), ("gemma3", "q5_k_m"),
+                                            ("gemma3", "q4_0"), ("llama3", "q6_k"),
+                                            ("qwen3", "q8_0")])
+def test_size_estimate_matches_llama_cpp_exactly(family, outtype, checkpoints, gguf_dir):
+    """sizes.py (the README's size table) follows llama.cpp's per-tensor type choices."""
+    result = convert(checkpoints[family], gguf_dir / f"{family}-{outtype}-size.gguf", outtype,
+                     progress=False, force=True)
+    reader = gguf.GGUFReader(result.path)
+    tensors = [Tensor(t.name, tuple(int(d) for d in reversed(t.shape.tolist())),
+                      keep_f32=len(t.shape) == 1) for t in reader.tensors]
+    n_layers = 1 + max(int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk."))
+    assert data_nbytes(tensors, outtype, n_layers) == sum(int(t.n_bytes) for t in reader.tensors)
+    result.path.unlink()
+
+
+# --- layouts and sources -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["v5", "v4"])
+def test_conditional_generation_layout_gives_the_causal_lm_tensors(layout, checkpoints, f32,
+                                                                   tmp_path):
+    folder = tiny_checkpoints.gemma3_as_conditional_generation(
+        checkpoints["gemma3"], tmp_path / f"cg-{layout}", layout)
+    result = convert(folder, tmp_path / "cg.gguf", "f32", progress=False)
+    assert result.format == "gemma3"
+    ours = {t.name: t for t in gguf.GGUFReader(result.path).tensors}
+    ref = {t.name: t for t in gguf.GGUFReader(f32["gemma3"]).tensors}
+    assert sorted(ours) == sorted(ref)
+    for name, t in ref.items():
+        assert ours[name].tensor_type == t.tensor_type
+        np.testing.assert_array_equal(ours[name].data, t.data, err_msg=name)
+    ours_meta, ref_meta = metadata(result.path), metadata(f32["gemma3"])
+    for key in ref_meta.keys() - {"general.name"}:
+        assert ours_meta[key] == ref_meta[key], key
+
+
+def test_source_dtypes_load_exactly(tmp_path):
+    from safetensors.torch import save_file
+    values = torch.randn(3, 5)
+    tensors = {"a": values.to(torch.bfloat16), "b": values.to(torch.float16), "c": values}
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = open_checkpoint(tmp_path)
+    for name, t in tensors.items():
+        loaded = to_float32(load_tensor(ckpt.tensors[name]), ckpt.tensors[name].dtype)
+        np.testing.assert_array_equal(loaded, t.float().numpy())
+
+
+def test_peak_memory_stays_near_one_tensor(tmp_path, checkpoints):
+    """Converting a 0.5 GB bf16 checkpoint holds about one tensor, not the model, in memory."""
+    folder = tmp_path / "big"
+    shutil.copytree(checkpoints["gemma3"], folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=128,
+                  query_pre_attn_scalar=128, layer_types=["sliding_attention"] * 12)
+    (folder / "config.json").write_text(json.dumps(config))
+    hf = tiny_checkpoints.random_text_weights(config)
+    from safetensors.torch import save_file
+    save_file({k: v.to(torch.bfloat16) for k, v in hf.items()}, folder / "model.safetensors")
+    ckpt_bytes = (folder / "model.safetensors").stat().st_size
+    code = ("import resource, sys\nfrom spectrum_local.convert import convert\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "convert(sys.argv[1], sys.argv[2], 'f16', progress=False)\n"
+            "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "big.gguf")],
+                         check=True, capture_output=True, text=True).stdout.split()
+    grown = (int(out[1]) - int(out[0])) * 1024
+    print(f"checkpoint {ckpt_bytes / 1e6:.0f} MB, peak RSS grew by {grown / 1e6:.0f} MB")
+    assert grown < ckpt_bytes / 4
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def test_missing_config_json(checkpoints, tmp_path):
+    folder = tmp_path / "noconfig"
+    shutil.copytree(checkpoints["qwen3"], folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(InputError, match="no config.json"):
+        convert(folder, tmp_path / "x.gguf", progress=False)
+
+
+def test_missing_shard(checkpoints, tmp_path):
+    folder = tmp_path / "noshard"
+    shutil.copytree(checkpoints["llama3"], folder)
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(InputError, match=f"shard {shard.name}.*missing"):
+        convert(folder, tmp_path / "x.gguf", progress=False)
+
+
+def test_unsupported_architecture_names_the_supported_ones(checkpoints, tmp_path):
+    folder = tmp_path / "mistral"
+    shutil.copytree(checkpoints["qwen3"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["MistralForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="MistralForCausalLM.*Gemma3ForCausalLM.*LlamaForCausalLM"
+                                         ".*Qwen3ForCausalLM"):
+        convert(folder, tmp_path / "x.gguf", progress=False)
+
+
+def test_existing_output_needs_force(checkpoints, tmp_path):
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"precious")
+    with pytest.raises(InputError, match="exists.*--force"):
+        convert(checkpoints["qwen3"], out, progress=False)
+    assert out.read_bytes() == b"precious"
+    result = convert(checkpoints["qwen3"], out, progress=False, force=True)
+    assert result.n_tensors == len(gguf.GGUFReader(out).tensors)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+def test_default_output_name(checkpoints, tmp_path, monkeypatch):
+    folder = tmp_path / "spectrum-Qwen3-14B-v1"
+    shutil.copytree(checkpoints["qwen3"], folder)
+    monkeypatch.chdir(tmp_path)
+    result = convert(folder, outtype="bf16", progress=False)
+    assert result.path == tmp_path / "spectrum-Qwen3-14B-v1-BF16.gguf"
+    assert metadata(result.path)["general.name"] == "spectrum-Qwen3-14B-v1"
+
+
+def test_format_without_its_control_tokens_is_refused(checkpoints, tmp_path):
+    with pytest.raises(InputError, match="no control token '<\\|im_start\\|>'"):
+        convert(checkpoints["gemma3"], tmp_path / "x.gguf", format="qwen3", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_unknown_outtype(checkpoints, tmp_path):
+    with pytest.raises(InputError, match="unknown outtype 'q3_k'"):
+        convert(checkpoints["qwen3"], tmp_path / "x.gguf", outtype="q3_k", progress=False)
