@@ -139,6 +139,12 @@ class Engine:
     def __del__(self):
         self.close()
 
+    def clear(self) -> None:
+        """Forget every cached token (the next call evaluates its prompt from scratch)."""
+        with self._lock:
+            llama_cpp.llama_memory_clear(self._memory, True)
+            self.cached_tokens = []
+
     # -- model facts --------------------------------------------------------------------------
 
     def _read_metadata(self) -> dict[str, str]:
@@ -286,10 +292,12 @@ class Engine:
         positions start.. after ``prompt[:start]``. ``start`` is normally ``len(prompt)``; it is
         smaller when a tokenizer merges the continuation into the prompt's last text."""
         with self._lock:
-            prompt_row = log_softmax(self._prefill(prompt)[None])[0]
+            prompt_row = self._prefill(prompt)
+            prompt_lse = float(logsumexp(prompt_row))
             results: list[np.ndarray | None] = [None] * len(continuations)
             for group in self._groups(prompt, continuations):
-                self._continuation_group(prompt, prompt_row, continuations, group, results)
+                self._continuation_group(prompt, (prompt_row, prompt_lse), continuations, group,
+                                         results)
             return results  # type: ignore[return-value]
 
     def _groups(self, prompt, continuations) -> list[list[int]]:
@@ -309,7 +317,7 @@ class Engine:
             used += need
         return groups
 
-    def _continuation_group(self, prompt, prompt_row, continuations, group, results) -> None:
+    def _continuation_group(self, prompt, prompt_prediction, continuations, group, results) -> None:
         # Each continuation decodes all its tokens but the last (whose probability comes from
         # the row before it), plus the prompt tokens it does not share (rare, see above).
         tokens, positions, seq_ids, wants = [], [], [], []
@@ -323,20 +331,22 @@ class Engine:
                 positions.append(pos)
                 seq_ids.append(seq)
                 wants.append(pos >= start - 1)
-        rows_by_seq: dict[int, list[np.ndarray]] = {seq: [] for seq in range(1, len(group) + 1)}
+        # Per sequence, the (logits row, its log-sum-exp) that predict each next token.
+        rows_by_seq: dict[int, list] = {seq: [] for seq in range(1, len(group) + 1)}
         for lo in range(0, len(tokens), self.n_batch):
             hi = min(lo + self.n_batch, len(tokens))
             self._decode(tokens[lo:hi], positions[lo:hi], seq_ids[lo:hi], wants[lo:hi])
-            idx = [j - lo for j in range(lo, hi) if wants[j]]
-            rows = log_softmax(self._logits_rows(idx))
-            for j, row in zip((j for j in range(lo, hi) if wants[j]), rows):
-                rows_by_seq[seq_ids[j]].append(row)
+            wanted = [j for j in range(lo, hi) if wants[j]]
+            rows = self._logits_rows([j - lo for j in wanted])
+            for j, row, lse in zip(wanted, rows, logsumexp(rows)):
+                rows_by_seq[seq_ids[j]].append((row, lse))
         for seq, i in enumerate(group, start=1):
             start, cont = continuations[i]
             rows = rows_by_seq[seq]
             if start == len(prompt):
-                rows = [prompt_row] + rows
-            results[i] = np.array([row[t] for row, t in zip(rows, cont)], dtype=np.float64)
+                rows = [prompt_prediction] + rows
+            results[i] = np.array([row[t] - lse for (row, lse), t in zip(rows, cont)],
+                                  dtype=np.float64)
         self._forget_continuations()
 
     def sample(self, prompt: Sequence[int], n: int, max_tokens: int, settings: SamplerSettings,
@@ -425,12 +435,15 @@ class Engine:
         return chain
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 for the sums that follow."""
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    return x
+def logsumexp(rows: np.ndarray) -> np.ndarray:
+    """Per-row log-sum-exp: exp in float32 (fast over a 262k vocabulary), sums in float64."""
+    peak = rows.max(axis=-1, keepdims=True)
+    sums = np.exp(rows - peak).sum(axis=-1, dtype=np.float64)
+    return peak[..., 0].astype(np.float64) + np.log(sums)
+
+
+def log_softmax(rows: np.ndarray) -> np.ndarray:
+    return rows.astype(np.float64) - logsumexp(rows)[..., None]
 
 
 def quantize(src: str, dst: str, outtype: str, threads: int | None = None) -> None:

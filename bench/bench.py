@@ -1,0 +1,152 @@
+"""make bench: spectrum-local against the naive approaches, measured in one process on the
+default model. Reports ratios (the best of several runs each), never absolute pass/fail."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import llama_cpp  # noqa: E402 - the raw baselines call llama.cpp directly
+from naive import naive_llama, sequence_logprob  # noqa: E402
+
+import spectrum_local  # noqa: E402
+
+REPEATS = 5
+DICE = [{"role": "description", "content": "Roll two six-sided dice. What is the sum of their "
+                                           "values? Answer with the number only."}]
+DICE += [{"role": "output", "content": v} for v in ("7", "5", "9", "6", "11", "8")]
+CANDIDATES = [str(n) for n in range(2, 13)]
+BOARD_GAMES = [{"role": "description", "content": "Board games"},
+               {"role": "output", "content": "Catan"}, {"role": "output", "content": "Chess"}]
+
+
+def best_of(fn, repeats: int = REPEATS) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def long_prompt(final_input: str) -> list[dict]:
+    cities = ["Paris", "Lima", "Oslo", "Cairo", "Delhi", "Quito", "Tokyo", "Accra", "Hanoi",
+              "Rome", "Seoul", "Bern", "Dakar", "Kyiv", "Lagos", "Minsk", "Nairobi", "Riga"]
+    messages = [{"role": "description", "content": "Given a capital city, name a famous dish "
+                                                   "from its country. Answer with the dish only."}]
+    for city in cities:
+        messages += [{"role": "input", "content": f"The capital city is {city}, where I am going."},
+                     {"role": "output", "content": f"A dish people love in {city}"}]
+    return messages + [{"role": "input", "content": final_input}]
+
+
+def main() -> None:
+    model = spectrum_local.load()
+    engine = model.engine
+    naive = naive_llama(model.path)
+    rows = []
+
+    # 1-2. score 11 candidates, cold cache each time.
+    prompt = model.prompt_tokens(DICE)
+
+    def ours_score():
+        engine.clear()
+        model.score(DICE, CANDIDATES)
+
+    candidate_tokens = [engine.tokenize(c) + [model.end_of_output_id] for c in CANDIDATES]
+
+    def naive_score():
+        for tokens in candidate_tokens:
+            sequence_logprob(naive, prompt, tokens)
+
+    all_tokens = prompt + [t for tokens in candidate_tokens for t in tokens[:-1]]
+
+    def raw_decode():
+        # The floor: one llama_decode of the prompt and every candidate token, logits only at
+        # the candidate positions (what scoring needs), no Python around it.
+        engine.clear()
+        engine._decode(all_tokens, range(len(all_tokens)), [0] * len(all_tokens),
+                       [i >= len(prompt) - 1 for i in range(len(all_tokens))])
+
+    t_ours, t_naive, t_raw = best_of(ours_score), best_of(naive_score), best_of(raw_decode)
+    rows.append((f"score 11 candidates, {len(prompt)}-token prompt",
+                 "Llama(logits_all) per candidate", t_ours, t_naive, "speed-up", ">= 8x",
+                 t_naive / t_ours))
+    rows.append(("same", f"one raw llama_decode of {len(all_tokens)} tokens", t_ours, t_raw,
+                 "ours / raw", "<= 1.25", t_ours / t_raw))
+
+    # 3-4. sample n=8, 24 new tokens, prompt already cached in both.
+    n, new_tokens = 8, 24
+    board_prompt = model.prompt_tokens(BOARD_GAMES)
+    lengths = []
+
+    def ours_sample():
+        samples = model.sample(BOARD_GAMES, n=n, max_tokens=new_tokens, seed=len(lengths))
+        lengths.append(statistics.mean(s.n_tokens for s in samples))
+
+    def naive_sample():
+        for i in range(n):
+            naive.create_completion(board_prompt, max_tokens=new_tokens, temperature=1.0,
+                                    top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=i)
+
+    def raw_steps():
+        engine.prompt_logits(board_prompt)
+        for seq in range(1, n + 1):
+            llama_cpp.llama_memory_seq_cp(engine._memory, 0, seq, -1, -1)
+        for step in range(new_tokens):
+            engine._decode([board_prompt[-1]] * n, [len(board_prompt) + step] * n,
+                           list(range(1, n + 1)), [True] * n)
+        engine.prompt_logits(board_prompt)  # drops the scratch sequences
+
+    model.sample(BOARD_GAMES, n=1, max_tokens=1)  # warm the prompt cache
+    t_ours = best_of(ours_sample)
+    t_naive, t_raw = best_of(naive_sample), best_of(raw_steps)
+    rows.append((f"sample n={n}, {new_tokens} new tokens (ours: {statistics.mean(lengths):.1f} "
+                 "per sample)", "8 sequential Llama.create_completion", t_ours, t_naive,
+                 "speed-up", ">= 1.8x", t_naive / t_ours))
+    rows.append(("same", f"{new_tokens} raw batched llama_decode steps, no sampling", t_ours,
+                 t_raw, "ours / raw", "<= 1.25", t_ours / t_raw))
+
+    # 5. long prompt, then the same prompt with a new final input.
+    first_messages = long_prompt("The capital city is Lisbon, where I am going.")
+    second_messages = long_prompt("The capital city is Vienna, where I am going.")
+    first_len = len(model.prompt_tokens(first_messages))
+
+    def first_call():
+        engine.clear()
+        model.score(first_messages, CANDIDATES)
+
+    def second_call():
+        engine.clear()
+        model.score(first_messages, CANDIDATES)
+        start = time.perf_counter()
+        model.score(second_messages, CANDIDATES)
+        second_times.append(time.perf_counter() - start)
+
+    second_times: list[float] = []
+    t_first = best_of(first_call)
+    best_of(second_call)
+    t_second = min(second_times)
+    rows.append((f"score, {first_len}-token prompt, then a new final input", "the first call",
+                 t_second, t_first, "second / first", "<= 0.35", t_second / t_first))
+
+    print_table(rows)
+
+
+def print_table(rows) -> None:
+    header = ("case", "baseline", "ours (ms)", "baseline (ms)", "measure", "target", "result")
+    table = [header] + [(case, base, f"{ours * 1e3:.1f}", f"{ref * 1e3:.1f}", what, target,
+                         f"{ratio:.2f}") for case, base, ours, ref, what, target, ratio in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+if __name__ == "__main__":
+    main()
