@@ -7,6 +7,7 @@ tokenizer.model, whose protobuf is parsed here so that converting needs no sente
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,9 @@ from spectrum_local.formats import Format
 from .families import Family
 
 T = gguf.TokenType
+# SpecialVocab warns about tokenizer post-processor templates it half-understands; the BOS/EOS
+# behaviour it infers from them is overridden from the spectrum format below.
+logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
