@@ -28,7 +28,7 @@ from spectrum_local.formats import get_format
 
 from . import sizes
 from .checkpoint import Checkpoint, open_checkpoint
-from .families import Family, TensorPlan, family_for
+from .families import TensorPlan, family_for
 from .vocab import load_vocab, write_vocab
 from .writer import SOURCE_TYPES, tensor_nbytes, validate, write_gguf
 

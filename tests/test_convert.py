@@ -402,3 +402,12 @@ def test_format_without_its_control_tokens_is_refused(checkpoints, tmp_path):
 def test_unknown_outtype(checkpoints, tmp_path):
     with pytest.raises(InputError, match="unknown outtype 'q3_k'"):
         convert(checkpoints["qwen3"], tmp_path / "x.gguf", outtype="q3_k", progress=False)
+
+
+def test_hub_repo_offline_and_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(InputError, match="not in the local cache"):
+        convert("tsor13/spectrum-gemma-3-12b-v1", tmp_path / "x.gguf", progress=False)
+    with pytest.raises(InputError, match="not a checkpoint folder or a hub repo id"):
+        convert(tmp_path / "no" / "such" / "folder", tmp_path / "x.gguf", progress=False)
