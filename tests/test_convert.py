@@ -411,3 +411,27 @@ def test_hub_repo_offline_and_not_cached(tmp_path, monkeypatch):
         convert("tsor13/spectrum-gemma-3-12b-v1", tmp_path / "x.gguf", progress=False)
     with pytest.raises(InputError, match="not a checkpoint folder or a hub repo id"):
         convert(tmp_path / "no" / "such" / "folder", tmp_path / "x.gguf", progress=False)
+
+
+# --- the command line --------------------------------------------------------------------------
+
+def test_cli_convert_then_score_with_no_flags(checkpoints, tmp_path):
+    """`spectrum-local convert` writes a GGUF the runtime then loads with the right format and
+    no --format; a second convert to the same path refuses without --force."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "qwen.gguf"
+    cmd = [sys.executable, "-m", "spectrum_local"]
+    proc = subprocess.run([*cmd, "convert", str(checkpoints["qwen3"]), "-o", str(out),
+                           "--outtype", "f32"], capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "wrote" in proc.stderr.decode() and out.exists()
+    proc = subprocess.run([*cmd, "score", "-m", str(out), "-d", "dice", "-c", "2..4", "--json"],
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout)["format"] == "qwen3"
+    proc = subprocess.run([*cmd, "convert", str(checkpoints["qwen3"]), "-o", str(out),
+                           "--outtype", "f32"], capture_output=True, timeout=300)
+    assert proc.returncode == 2 and "--force" in proc.stderr.decode()

@@ -228,3 +228,14 @@ def test_duplicates_are_scored_once(model):
 def test_no_description_or_output_warns(model):
     with pytest.warns(UserWarning, match="no description"):
         model.top([{"role": "input", "content": "hello"}], k=1)
+
+
+def test_truncating_samplers_use_llama_cpp_chain(model):
+    # top-k 1 is greedy: every sample equals the temperature-0 output, step after step (a
+    # candidate buffer left reordered by an earlier step would break this).
+    greedy = model.sample(FEW_SHOT, n=1, max_tokens=8, temperature=0)[0]
+    top1 = model.sample(FEW_SHOT, n=4, max_tokens=8, top_k=1, seed=3)
+    assert all(s == greedy for s in top1)
+    assert greedy.text.startswith(model.top(FEW_SHOT, k=1)[0].token)
+    nucleus = model.sample(FEW_SHOT, n=4, max_tokens=8, top_p=0.5, min_p=0.05, seed=3)
+    assert all(s.n_tokens > 0 for s in nucleus)
