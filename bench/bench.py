@@ -69,7 +69,7 @@ def main() -> None:
         # The floor: one llama_decode of the prompt and every candidate token, logits only at
         # the candidate positions (what scoring needs), no Python around it.
         engine.clear()
-        engine._decode(all_tokens, range(len(all_tokens)), [0] * len(all_tokens),
+        engine._decode(all_tokens, range(len(all_tokens)), [(0,)] * len(all_tokens),
                        [i >= len(prompt) - 1 for i in range(len(all_tokens))])
 
     t_ours, t_naive, t_raw = best_of(ours_score), best_of(naive_score), best_of(raw_decode)
@@ -99,7 +99,7 @@ def main() -> None:
             llama_cpp.llama_memory_seq_cp(engine._memory, 0, seq, -1, -1)
         for step in range(new_tokens):
             engine._decode([board_prompt[-1]] * n, [len(board_prompt) + step] * n,
-                           list(range(1, n + 1)), [True] * n)
+                           [(seq,) for seq in range(1, n + 1)], [True] * n)
         engine.prompt_logits(board_prompt)  # drops the scratch sequences
 
     model.sample(BOARD_GAMES, n=1, max_tokens=1)  # warm the prompt cache

@@ -11,6 +11,7 @@ One model, one context, many sequences in a unified KV cache:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -77,6 +78,12 @@ class SamplerSettings:
     min_p: float = 0.0
     repeat_penalty: float = 1.0
 
+    @property
+    def truncates(self) -> bool:
+        """Whether the chain sorts or cuts the candidate list (anything but plain "dist")."""
+        return (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+                or self.temperature == 0.0)
+
 
 class Engine:
     """A loaded GGUF model and its context. Thread-safe: calls are serialised."""
@@ -126,7 +133,8 @@ class Engine:
         self.n_batch = llama_cpp.llama_n_batch(self._ctx)
         self.max_sequences = llama_cpp.llama_n_seq_max(self._ctx)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        # A token may belong to several sequences: a prompt shared by all candidates.
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.max_sequences)
         self._lock = threading.RLock()
         self.cached_tokens: list[int] = []  # what sequence 0 holds
         self._prompt_row = np.empty(0, dtype=np.float32)  # logits after cached_tokens
@@ -229,16 +237,17 @@ class Engine:
 
     # -- decoding -----------------------------------------------------------------------------
 
-    def _decode(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int],
-                logits: Sequence[bool]) -> None:
+    def _decode(self, tokens: Sequence[int], positions: Sequence[int],
+                seq_sets: Sequence[Sequence[int]], logits: Sequence[bool]) -> None:
         b = self._batch
         n = len(tokens)
         b.n_tokens = n
         for i in range(n):
             b.token[i] = tokens[i]
             b.pos[i] = positions[i]
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq_ids[i]
+            b.n_seq_id[i] = len(seq_sets[i])
+            for k, seq in enumerate(seq_sets[i]):
+                b.seq_id[i][k] = seq
             b.logits[i] = logits[i]
         rc = llama_cpp.llama_decode(self._ctx, b)
         self.tokens_evaluated += n
@@ -246,6 +255,16 @@ class Engine:
             raise SpectrumError(f"the context ({self.n_ctx} tokens) is full; raise --ctx")
         if rc != 0:
             raise SpectrumError(f"llama_decode failed with code {rc}")
+
+    def _decode_all(self, tokens, positions, seq_sets, wants) -> dict[int, np.ndarray]:
+        """Decode in batches of n_batch; return the logits rows of the wanted tokens by index."""
+        rows = {}
+        for lo in range(0, len(tokens), self.n_batch):
+            hi = min(lo + self.n_batch, len(tokens))
+            self._decode(tokens[lo:hi], positions[lo:hi], seq_sets[lo:hi], wants[lo:hi])
+            wanted = [j for j in range(lo, hi) if wants[j]]
+            rows.update(zip(wanted, self._logits_rows([j - lo for j in wanted])))
+        return rows
 
     def _logits_rows(self, indices: Sequence[int]) -> np.ndarray:
         rows = np.empty((len(indices), self.n_vocab), dtype=np.float32)
@@ -260,55 +279,59 @@ class Engine:
         for seq in range(1, self.max_sequences):
             llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
 
-    def _prefill(self, prompt: Sequence[int]) -> np.ndarray:
-        """Make sequence 0 hold ``prompt``, evaluating only what the cache lacks; returns the
-        logits at the prompt's last position. The row of the cached prompt is kept, so a
-        repeated prompt gets exactly the same numbers (re-decoding its last token alone would
-        round differently on quantized kernels, and change seeded samples)."""
+    def _reuse_prefix(self, prompt: Sequence[int]) -> int:
+        """Trim sequence 0 to its common prefix with ``prompt``; return how many of the
+        prompt's tokens it holds. All of them only if the prompt is exactly the cached one, whose
+        logits row is kept: a repeated prompt gets exactly the same numbers (re-decoding its last
+        token alone would round differently on quantized kernels and change seeded samples)."""
         if not prompt:
             raise InputError("the prompt is empty")
         if len(prompt) >= self.n_ctx:
             raise InputError(f"the prompt is {len(prompt)} tokens but the context holds "
                              f"{self.n_ctx}; raise --ctx (the model was trained on "
                              f"{self.n_ctx_train})")
-        if list(prompt) == self.cached_tokens:
-            self._forget_continuations()
-            return self._prompt_row
-        keep = 0
-        for a, b in zip(self.cached_tokens, prompt):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(prompt) - 1)  # evaluate at least one token, for its logits
-        llama_cpp.llama_memory_seq_rm(self._memory, 0, keep, -1)
-        self.cached_tokens = list(prompt[:keep])
+        if list(prompt) != self.cached_tokens:
+            keep = min(common_prefix(self.cached_tokens, prompt), len(prompt) - 1)
+            llama_cpp.llama_memory_seq_rm(self._memory, 0, keep, -1)
+            self.cached_tokens = list(prompt[:keep])
         self._forget_continuations()
-        for start in range(keep, len(prompt), self.n_batch):
-            chunk = prompt[start:start + self.n_batch]
-            end = start + len(chunk)
-            self._decode(chunk, range(start, end), [0] * len(chunk),
-                         [i == len(prompt) - 1 for i in range(start, end)])
-            self.cached_tokens = list(prompt[:end])
-        self._prompt_row = self._logits_rows([len(chunk) - 1])[0]
+        return len(self.cached_tokens)
+
+    def _prefill(self, prompt: Sequence[int]) -> np.ndarray:
+        """Make sequence 0 hold ``prompt``, evaluating only what the cache lacks; return the
+        logits at the prompt's last position."""
+        keep = self._reuse_prefix(prompt)
+        if keep < len(prompt):
+            n = len(prompt) - keep
+            rows = self._decode_all(prompt[keep:], range(keep, len(prompt)), [(0,)] * n,
+                                    [False] * (n - 1) + [True])
+            self._prompt_row = rows[n - 1]
+            self.cached_tokens = list(prompt)
         return self._prompt_row
 
     def prompt_logits(self, prompt: Sequence[int]) -> np.ndarray:
         """Next-token logits after ``prompt``."""
-        with self._lock:
+        with self._lock, self._consistent():
             return self._prefill(prompt)
+
+    @contextlib.contextmanager
+    def _consistent(self):
+        # A failed or interrupted decode leaves the cache in an unknown state: drop it.
+        try:
+            yield
+        except BaseException:
+            self.clear()
+            raise
 
     def continuation_logprobs(self, prompt: Sequence[int],
                               continuations: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
         """For each ``(start, tokens)``, the log-probability of each of ``tokens`` placed at
         positions start.. after ``prompt[:start]``. ``start`` is normally ``len(prompt)``; it is
         smaller when a tokenizer merges the continuation into the prompt's last text."""
-        with self._lock:
-            prompt_row = self._prefill(prompt)
-            prompt_lse = float(logsumexp(prompt_row))
+        with self._lock, self._consistent():
             results: list[np.ndarray | None] = [None] * len(continuations)
             for group in self._groups(prompt, continuations):
-                self._continuation_group(prompt, (prompt_row, prompt_lse), continuations, group,
-                                         results)
+                self._continuation_group(prompt, continuations, group, results)
             return results  # type: ignore[return-value]
 
     def _groups(self, prompt, continuations) -> list[list[int]]:
@@ -328,35 +351,51 @@ class Engine:
             used += need
         return groups
 
-    def _continuation_group(self, prompt, prompt_prediction, continuations, group, results) -> None:
-        # Each continuation decodes all its tokens but the last (whose probability comes from
-        # the row before it), plus the prompt tokens it does not share (rare, see above).
-        tokens, positions, seq_ids, wants = [], [], [], []
+    def _continuation_group(self, prompt, continuations, group, results) -> None:
+        """One llama_decode (per n_batch tokens) for the prompt's uncached part and every
+        continuation in ``group``: prompt tokens belong to sequence 0 and to each continuation's
+        sequence, so they are evaluated once and attended to by all."""
+        keep = self._reuse_prefix(prompt)
+        # Continuation i lives in sequence s; it decodes from ``first``: its own tokens but the
+        # last (whose probability comes from the row before it), or from one token earlier
+        # when it re-spells the prompt's end (see ``start``).
+        firsts = {}
+        for seq, i in enumerate(group, start=1):
+            start = continuations[i][0]
+            firsts[seq] = start if start == len(prompt) else start - 1
+            llama_cpp.llama_memory_seq_cp(self._memory, 0, seq, 0, min(firsts[seq], keep))
+        tokens, positions, seq_sets, wants = [], [], [], []
+        for pos in range(keep, len(prompt)):
+            tokens.append(prompt[pos])
+            positions.append(pos)
+            seq_sets.append((0, *(seq for seq, first in firsts.items() if first > pos)))
+            wants.append(pos == len(prompt) - 1)
+        owner = []  # the sequence whose token each entry is (None: the shared prompt)
         for seq, i in enumerate(group, start=1):
             start, cont = continuations[i]
-            first = start if start == len(prompt) else start - 1
-            llama_cpp.llama_memory_seq_cp(self._memory, 0, seq, 0, first)
             full = list(prompt[:start]) + list(cont)
-            for pos in range(first, len(full) - 1):
+            for pos in range(firsts[seq], len(full) - 1):
                 tokens.append(full[pos])
                 positions.append(pos)
-                seq_ids.append(seq)
+                seq_sets.append((seq,))
                 wants.append(pos >= start - 1)
-        # Per sequence, the (logits row, its log-sum-exp) that predict each next token.
-        rows_by_seq: dict[int, list] = {seq: [] for seq in range(1, len(group) + 1)}
-        for lo in range(0, len(tokens), self.n_batch):
-            hi = min(lo + self.n_batch, len(tokens))
-            self._decode(tokens[lo:hi], positions[lo:hi], seq_ids[lo:hi], wants[lo:hi])
-            wanted = [j for j in range(lo, hi) if wants[j]]
-            rows = self._logits_rows([j - lo for j in wanted])
-            for j, row, lse in zip(wanted, rows, logsumexp(rows)):
-                rows_by_seq[seq_ids[j]].append((row, lse))
+                owner.append(seq)
+        rows = self._decode_all(tokens, positions, seq_sets, wants)
+        n_prompt = len(prompt) - keep
+        if n_prompt:
+            self._prompt_row = rows[n_prompt - 1]
+            self.cached_tokens = list(prompt)
+        prompt_prediction = (self._prompt_row, logsumexp(self._prompt_row))
+        predictions = {seq: [] for seq in firsts}
+        wanted = sorted(j for j in rows if j >= n_prompt)
+        for j, lse in zip(wanted, logsumexp(np.stack([rows[j] for j in wanted])) if wanted else []):
+            predictions[owner[j - n_prompt]].append((rows[j], lse))
         for seq, i in enumerate(group, start=1):
             start, cont = continuations[i]
-            rows = rows_by_seq[seq]
+            preds = predictions[seq]
             if start == len(prompt):
-                rows = [prompt_prediction] + rows
-            results[i] = np.array([row[t] - lse for (row, lse), t in zip(rows, cont)],
+                preds = [prompt_prediction] + preds
+            results[i] = np.array([row[t] - lse for (row, lse), t in zip(preds, cont)],
                                   dtype=np.float64)
         self._forget_continuations()
 
@@ -364,7 +403,7 @@ class Engine:
                seed: int | None, stop_tokens: set[int]) -> list[tuple[list[int], str]]:
         """``n`` independent continuations of ``prompt``, decoded side by side. Returns each
         one's tokens (without the stop token) and why it ended: "stop" or "length"."""
-        with self._lock:
+        with self._lock, self._consistent():
             if len(prompt) + max_tokens > self.n_ctx:
                 max_tokens = self.n_ctx - len(prompt)
             results: list[tuple[list[int], str]] = []
@@ -387,7 +426,8 @@ class Engine:
             step = 0
             while live:
                 nxt = []
-                for j, token in zip(live, self._sample_rows([chains[j] for j in live], rows)):
+                for j, token in zip(live, self._sample_rows([chains[j] for j in live], rows,
+                                                                   settings.truncates)):
                     if token in stop_tokens or self.is_end_of_generation(token):
                         reasons[j] = "stop"
                     else:
@@ -398,7 +438,7 @@ class Engine:
                     break
                 pos = len(prompt) + step
                 self._decode([outputs[j][-1] for j in nxt], [pos] * len(nxt),
-                             [j + 1 for j in nxt], [True] * len(nxt))
+                             [(j + 1,) for j in nxt], [True] * len(nxt))
                 live = nxt
                 rows = self._logits_view(len(nxt))
                 step += 1
@@ -413,12 +453,12 @@ class Engine:
         ptr = llama_cpp.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
 
-    def _sample_rows(self, chains, rows: np.ndarray) -> list[int]:
+    def _sample_rows(self, chains, rows: np.ndarray, truncates: bool) -> list[int]:
         """One token per (chain, row), the rows split over the worker threads."""
         workers = len(self._samplers) if self._pool and len(chains) > 1 else 1
 
         def work(w: int) -> list[int]:
-            return [self._samplers[w].sample(chains[j], rows[j])
+            return [self._samplers[w].sample(chains[j], rows[j], truncates)
                     for j in range(w, len(chains), workers)]
 
         if workers == 1:
@@ -450,25 +490,38 @@ class Engine:
 
 
 class _CandidateBuffer:
-    """A llama_token_data_array over the whole vocabulary, for running a sampler chain on a logits row (llama.cpp's own sampling code, on our rows)."""
+    """A llama_token_data_array over the whole vocabulary, for running a sampler chain on a
+    logits row we hold (llama.cpp's own sampling code, on our rows)."""
 
     def __init__(self, n_vocab: int):
         self.n_vocab = n_vocab
         self.data = (llama_cpp.llama_token_data * n_vocab)()
         self.view = np.ctypeslib.as_array(self.data)
         self.ids = np.arange(n_vocab, dtype=np.int32)
+        self.view["id"] = self.ids
+        self.reordered = False
         self.array = llama_cpp.llama_token_data_array(
             ctypes.cast(self.data, llama_cpp.llama_token_data_p), n_vocab, -1, False)
 
-    def sample(self, chain, logits: np.ndarray) -> int:
-        # Truncating samplers reorder the buffer in place: reset the ids every time.
-        self.view["id"] = self.ids
+    def sample(self, chain, logits: np.ndarray, truncates: bool) -> int:
+        if self.reordered:  # a truncating chain sorted the buffer in place last time
+            self.view["id"] = self.ids
+        self.reordered = truncates
         self.view["logit"] = logits
         self.array.size, self.array.selected, self.array.sorted = self.n_vocab, -1, False
         llama_cpp.llama_sampler_apply(chain, ctypes.byref(self.array))
         token = int(self.view["id"][self.array.selected])
         llama_cpp.llama_sampler_accept(chain, token)
         return token
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def logsumexp(rows: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from . import formats
-from .engine import Engine, SamplerSettings, log_softmax
+from .engine import Engine, SamplerSettings, common_prefix, log_softmax
 from .errors import InputError, SpectrumError
 from .results import CandidateScore, Sample, ScoreResult, TokenProb
 from .source import locate
@@ -115,7 +115,7 @@ class SpectrumModel:
         plan = []  # per candidate: (its continuation, the prompt part it re-spells or None)
         for text in candidates:
             full = self.tokenize(self._fmt.render(parsed, candidate=text))
-            start = _common_prefix(prompt_tokens, full)
+            start = common_prefix(prompt_tokens, full)
             continuations.append((start, full[start:]))
             respelled = None
             if start < len(prompt_tokens):
@@ -142,15 +142,6 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or value <= 0:
             raise InputError(f"{name} must be a positive whole number, got {value!r}")
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _unique_candidates(candidates: Sequence[str]) -> list[str]:

@@ -239,3 +239,18 @@ def test_truncating_samplers_use_llama_cpp_chain(model):
     assert greedy.text.startswith(model.top(FEW_SHOT, k=1)[0].token)
     nucleus = model.sample(FEW_SHOT, n=4, max_tokens=8, top_p=0.5, min_p=0.05, seed=3)
     assert all(s.n_tokens > 0 for s in nucleus)
+
+
+def test_each_sampled_token_comes_from_its_own_sequence(model):
+    """Independent check of the batched decode: with top-k 5, every token of every parallel
+    sample must be among the most likely tokens when its own prefix is evaluated on its own
+    (a row taken from another sequence or position would fail this)."""
+    from spectrum_local.engine import SamplerSettings
+
+    prompt = model.prompt_tokens(FEW_SHOT)
+    runs = model.engine.sample(prompt, 6, 10, SamplerSettings(top_k=5), seed=11, stop_tokens=set())
+    assert len({tuple(tokens) for tokens, _ in runs}) > 1
+    for tokens, _ in runs:
+        for i, token in enumerate(tokens):
+            logits = model.engine.prompt_logits(prompt + tokens[:i])
+            assert token in np.argsort(-logits)[:20]
