@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -44,6 +45,13 @@ class SpectrumGroup(click.Group):
             except KeyboardInterrupt:
                 click.echo("interrupted", err=True)
                 ctx.exit(130)
+            except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+                raise
+            except Exception as e:  # a bug: still one line, unless asked for the traceback
+                if os.environ.get("SPECTRUM_LOCAL_VERBOSE"):
+                    raise
+                raise _Failure(f"internal error: {type(e).__name__}: {e} (set "
+                               "SPECTRUM_LOCAL_VERBOSE=1 for the traceback)", 1) from None
 
 
 class _Failure(click.ClickException):
@@ -81,6 +89,24 @@ def message_options(command):
     return functools.reduce(lambda f, option: option(f), reversed(options), command)
 
 
+def batch_options(command):
+    options = [
+        click.option("--batch", "batch_in", metavar="IN.jsonl",
+                     help="Run one prompt per JSON line of IN.jsonl (- for stdin): "
+                          '{"id", "messages", ...this command\'s options}. -d/-i/-o messages '
+                          "come before each line's; the command's options are the defaults."),
+        click.option("--out", "batch_out", metavar="OUT.jsonl", type=click.Path(dir_okay=False),
+                     help="With --batch: one result per line, with the input line's id, "
+                          "flushed as it completes."),
+        click.option("--resume", is_flag=True,
+                     help="With --batch: skip the ids already in OUT (restart a killed job)."),
+        click.option("--strict", is_flag=True,
+                     help="With --batch: stop at the first malformed line instead of "
+                          "reporting and skipping it."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+
+
 def model_options(command):
     options = [
         click.option("--model", "-m", metavar="GGUF",
@@ -99,14 +125,38 @@ def model_options(command):
     return functools.reduce(lambda f, option: option(f), reversed(options), command)
 
 
-def _messages(ctx: click.Context, description, input, output, messages_file) -> list[formats.Message]:
+def _messages(ctx: click.Context, description, input, output, messages_file) -> list[dict]:
+    """The messages of --messages, then -d/-i/-o in command-line order (not yet validated)."""
     messages = []
     if messages_file:
         messages += _read_messages_file(messages_file)
     values = {"description": list(description), "input": list(input), "output": list(output)}
     for role in ctx.meta.get("message_order", []):
         messages.append({"role": role, "content": values[role].pop(0)})
-    return formats.parse_messages(messages)
+    return messages
+
+
+def _run(operation: str, messages: list[dict], loader, run_one, defaults,
+         batch_in, batch_out, resume, strict) -> None:
+    """Either the single prompt of the command line, or a --batch job over a JSONL file."""
+    if not batch_in:
+        if batch_out or resume or strict:
+            raise click.UsageError("--out, --resume and --strict go with --batch")
+        parsed = formats.parse_messages(messages)  # fail fast, before loading the model
+        run_one(loader(), parsed)
+        return
+    from .batch import run_batch
+
+    if not batch_out:
+        raise click.UsageError("--batch needs --out OUT.jsonl")
+    if messages:
+        formats.parse_messages(messages)
+    model = loader()
+    start = time.monotonic()
+    summary = run_batch(model, operation, batch_in, batch_out, defaults=defaults,
+                        shared_messages=messages, resume=resume, strict=strict,
+                        report=lambda line: click.echo(f"warning: {line}", err=True))
+    click.echo(summary.line(time.monotonic() - start), err=True)
 
 
 def _read_messages_file(path: str) -> list:
@@ -157,10 +207,12 @@ def cli():
                    '"Fred,John" (repeatable).')
 @click.option("--candidates-file", multiple=True, type=click.Path(dir_okay=False),
               help="A file with one candidate per line, kept exactly (repeatable).")
+@batch_options
 @model_options
 @click.pass_context
 def score(ctx, description, input, output, messages_file, candidate_specs_, candidates_file,
-          model, format_name, gpu_layers, threads, ctx_size, as_json):
+          batch_in, batch_out, resume, strict, model, format_name, gpu_layers, threads, ctx_size,
+          as_json):
     """Probability of each candidate answer as a whole output.
 
     For each candidate: P(its tokens, then the end-of-output token | prompt). Coverage is the
@@ -169,14 +221,20 @@ def score(ctx, description, input, output, messages_file, candidate_specs_, cand
     """
     messages = _messages(ctx, description, input, output, messages_file)
     candidates = candidate_specs.collect(candidate_specs_, candidates_file)
-    if not candidates:
+    if not candidates and not batch_in:
         raise InputError("no candidates: give --candidates (e.g. -c 2..12) or --candidates-file")
-    m = _load(model, format_name, gpu_layers, threads, ctx_size)
-    result = m.score(messages, candidates)
-    if as_json:
-        _emit_json(m, coverage=result.coverage, candidates=[c.to_dict() for c in result.candidates])
-    else:
-        click.echo(display.score_table(result))
+
+    def run_one(m, parsed):
+        result = m.score(parsed, candidates)
+        if as_json:
+            _emit_json(m, coverage=result.coverage,
+                       candidates=[c.to_dict() for c in result.candidates])
+        else:
+            click.echo(display.score_table(result))
+
+    _run("score", messages, lambda: _load(model, format_name, gpu_layers, threads, ctx_size),
+         run_one, {"candidates": candidates} if candidates else {}, batch_in, batch_out, resume,
+         strict)
 
 
 @cli.command(cls=MessageCommand, epilog=EXAMPLES)
@@ -196,25 +254,31 @@ def score(ctx, description, input, output, messages_file, candidate_specs_, cand
               help="Drop tokens below min-p x the top probability (0: off).")
 @click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
               show_default=True, help="Penalise repeated tokens (1: off).")
+@batch_options
 @model_options
 @click.pass_context
 def sample(ctx, description, input, output, messages_file, n, max_tokens, seed, temperature,
-           top_k, top_p, min_p, repeat_penalty, model, format_name, gpu_layers, threads,
-           ctx_size, as_json):
+           top_k, top_p, min_p, repeat_penalty, batch_in, batch_out, resume, strict, model,
+           format_name, gpu_layers, threads, ctx_size, as_json):
     """Draw N i.i.d. outputs.
 
     The defaults are the model card's: temperature 1 and no truncation, i.e. samples from
     exactly the distribution the model was trained to match. Each output ends at the
     end-of-output token or after --max-tokens.
     """
-    messages = _messages(ctx, description, input, output, messages_file)
-    m = _load(model, format_name, gpu_layers, threads, ctx_size)
-    samples = m.sample(messages, n, max_tokens=max_tokens, seed=seed, temperature=temperature,
-                       top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
-    if as_json:
-        _emit_json(m, samples=[s.to_dict() for s in samples])
-    else:
-        click.echo(display.sample_list(samples))
+    settings = dict(n=n, max_tokens=max_tokens, seed=seed, temperature=temperature, top_k=top_k,
+                    top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
+
+    def run_one(m, parsed):
+        samples = m.sample(parsed, **settings)
+        if as_json:
+            _emit_json(m, samples=[s.to_dict() for s in samples])
+        else:
+            click.echo(display.sample_list(samples))
+
+    _run("sample", _messages(ctx, description, input, output, messages_file),
+         lambda: _load(model, format_name, gpu_layers, threads, ctx_size), run_one, settings,
+         batch_in, batch_out, resume, strict)
 
 
 @cli.command(cls=MessageCommand, epilog=EXAMPLES)
@@ -222,18 +286,23 @@ def sample(ctx, description, input, output, messages_file, n, max_tokens, seed, 
 @click.option("-k", type=click.IntRange(min=1), default=10, show_default=True,
               help="How many tokens to show.")
 @click.option("--prefix", default="", help="Output text already written; show what follows it.")
+@batch_options
 @model_options
 @click.pass_context
-def top(ctx, description, input, output, messages_file, k, prefix, model, format_name,
-        gpu_layers, threads, ctx_size, as_json):
+def top(ctx, description, input, output, messages_file, k, prefix, batch_in, batch_out, resume,
+        strict, model, format_name, gpu_layers, threads, ctx_size, as_json):
     """The K most likely first tokens of the output, with their probabilities."""
-    messages = _messages(ctx, description, input, output, messages_file)
-    m = _load(model, format_name, gpu_layers, threads, ctx_size)
-    tokens = m.top(messages, k, prefix=prefix)
-    if as_json:
-        _emit_json(m, tokens=[t.to_dict() for t in tokens])
-    else:
-        click.echo(display.top_table(tokens))
+
+    def run_one(m, parsed):
+        tokens = m.top(parsed, k, prefix=prefix)
+        if as_json:
+            _emit_json(m, tokens=[t.to_dict() for t in tokens])
+        else:
+            click.echo(display.top_table(tokens))
+
+    _run("top", _messages(ctx, description, input, output, messages_file),
+         lambda: _load(model, format_name, gpu_layers, threads, ctx_size), run_one,
+         {"k": k, "prefix": prefix}, batch_in, batch_out, resume, strict)
 
 
 @cli.command()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Sequence
+import sys
+import time
+from typing import Sequence, TextIO
 
 from .results import Sample, ScoreResult, TokenProb
 
@@ -62,3 +64,47 @@ def sample_list(samples: Sequence[Sample]) -> str:
         text = s.text.replace("\n", "\n    ")
         lines.append(f"{i:>3}. {text}{cut}")
     return "\n".join(lines)
+
+
+class Progress:
+    """A one-line progress bar on stderr with count, rate and ETA; drawn only on a terminal
+    (unless ``enabled`` says otherwise), at most five times a second."""
+
+    def __init__(self, total: int, *, enabled: bool | None = True, stream: TextIO | None = None):
+        self.total, self.done = total, 0
+        self.stream = stream or sys.stderr
+        self.enabled = bool(enabled) and (stream is not None or self.stream.isatty())
+        self.start = self.last_draw = time.monotonic()
+        self.drawn = False
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def advance(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if self.enabled and (now - self.last_draw >= 0.2 or self.done == self.total):
+            self.last_draw = now
+            self.stream.write("\r" + self.render(now - self.start))
+            self.stream.flush()
+            self.drawn = True
+
+    def render(self, elapsed: float) -> str:
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        fraction = self.done / self.total if self.total else 1.0
+        return (f"{bar(fraction, 24):<24} {self.done}/{self.total}  {rate:.2f}/s  "
+                f"ETA {_duration(left)}  ")
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -180,6 +180,9 @@ def parse_messages(messages: Iterable[Mapping[str, object] | Message]) -> list[M
         if not isinstance(content, str):
             raise InputError(f"message {i}: content must be a string, got {content!r}")
         parsed.append(Message(role, content))
+    if not parsed:
+        raise InputError("no messages: give a description (-d), example inputs and outputs "
+                         "(-i/-o) or a messages file")
     if not any(m.role in ("description", "output") for m in parsed):
         warnings.warn("the prompt has no description and no output example; "
                       "the model's output will be unreliable", UserWarning, stacklevel=3)

@@ -92,6 +92,8 @@ def test_messages_from_stdin_and_info():
 @pytest.mark.parametrize("args,stdin,code,message", [
     (("score", "-d", "x", "-c", "12..2"), None, 2, "invalid range"),
     (("score", "-d", "x"), None, 2, "no candidates"),
+    (("top",), None, 2, "no messages"),
+    (("top", "--messages", "-"), b"[]", 2, "no messages"),
     (("score", "-d", "x", "-c", "a,,b"), None, 2, "empty string"),
     (("top", "--messages", "-"), b"[{\"role\": \"system\", \"content\": \"x\"}]", 2, "unknown role"),
     (("top", "--messages", "-"), b"{not json", 2, "not valid JSON"),

@@ -1,0 +1,198 @@
+"""Batch jobs: one prompt per JSON line in, one result per JSON line out, resumable.
+
+Each result line carries its input line's ``id`` and is flushed as soon as it is computed, so a
+killed job loses at most the line in flight; ``resume`` skips the ids already in the output
+(dropping a torn last line first). A malformed line is reported with its number and skipped,
+or stops the job when ``strict``. Lines are processed in order, so consecutive prompts that
+share a description and examples reuse the engine's cached prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, TextIO
+
+from . import candidates as candidate_specs
+from .display import Progress
+from .errors import InputError
+from .model import SpectrumModel
+
+# Per operation: the fields a line may hold besides id and messages, with their JSON types.
+_NUMBER = (int, float)
+FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "score": {"candidates": (list, str)},
+    "sample": {"n": int, "max_tokens": int, "seed": int, "temperature": _NUMBER,
+               "top_k": int, "top_p": _NUMBER, "min_p": _NUMBER, "repeat_penalty": _NUMBER},
+    "top": {"k": int, "prefix": str},
+}
+
+
+def _run_score(model: SpectrumModel, messages: list, options: dict) -> dict:
+    cands = options.get("candidates")
+    if isinstance(cands, str):
+        cands = candidate_specs.parse_spec(cands)
+    if not isinstance(cands, list) or not cands:
+        raise InputError('"candidates" must be a non-empty list of strings or a spec like "2..12"')
+    result = model.score(messages, cands)
+    return {"coverage": result.coverage, "candidates": [c.to_dict() for c in result.candidates]}
+
+
+def _run_sample(model: SpectrumModel, messages: list, options: dict) -> dict:
+    samples = model.sample(messages, **options)
+    return {"samples": [s.to_dict() for s in samples]}
+
+
+def _run_top(model: SpectrumModel, messages: list, options: dict) -> dict:
+    return {"tokens": [t.to_dict() for t in model.top(messages, **options)]}
+
+
+RUNNERS: dict[str, Callable[[SpectrumModel, list, dict], dict]] = {
+    "score": _run_score, "sample": _run_sample, "top": _run_top}
+
+
+@dataclass
+class BatchSummary:
+    done: int = 0  # results written by this run
+    already: int = 0  # ids found in the output and skipped (resume)
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (line number, error)
+
+    def line(self, seconds: float) -> str:
+        rate = self.done / seconds if seconds > 0 else 0.0
+        text = f"{self.done} results in {seconds:.1f} s ({rate:.2f}/s)"
+        if self.already:
+            text += f", {self.already} already done"
+        if self.failed:
+            numbers = ", ".join(str(n) for n, _ in sorted(self.failed)[:10])
+            more = "..." if len(self.failed) > 10 else ""
+            text += f"; {len(self.failed)} line(s) skipped: {numbers}{more}"
+        return text
+
+
+@dataclass(frozen=True)
+class Job:
+    line: int
+    id: Any
+    messages: list
+    options: dict
+
+
+def read_jobs(lines: Iterable[str], operation: str, defaults: dict,
+              report: Callable[[int, str], None]) -> list[Job]:
+    """Parse input lines; ``report(line, error)`` is called for each malformed one."""
+    jobs, seen = [], set()
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            job = _parse_line(number, text, operation, defaults)
+            key = json.dumps(job.id)
+            if key in seen:
+                raise InputError(f"duplicate id {job.id!r}")
+            seen.add(key)
+            jobs.append(job)
+        except InputError as e:
+            report(number, str(e))
+    return jobs
+
+
+def _parse_line(number: int, text: str, operation: str, defaults: dict) -> Job:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise InputError("a line must be a JSON object")
+    unknown = set(obj) - {"id", "messages"} - set(FIELDS[operation])
+    if unknown:
+        raise InputError(f"unknown field(s) for {operation}: {', '.join(sorted(unknown))}")
+    messages = obj.get("messages", [])
+    if not isinstance(messages, list):
+        raise InputError('"messages" must be a list of {"role", "content"} objects')
+    ident = obj.get("id", number)
+    if not isinstance(ident, (str, int)) or isinstance(ident, bool):
+        raise InputError('"id" must be a string or an integer')
+    options = dict(defaults)
+    for name, kind in FIELDS[operation].items():
+        if name in obj:
+            value = obj[name]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise InputError(f'"{name}" has the wrong type: {value!r}')
+            options[name] = value
+    return Job(number, ident, messages, options)
+
+
+def done_ids(out_path: Path) -> set[str]:
+    """Ids (as JSON text) already in the output. A torn last line, left by a killed job, is
+    cut off so that appending starts on a fresh line."""
+    if not out_path.exists():
+        return set()
+    data = out_path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with open(out_path, "r+b") as f:
+            f.truncate(len(complete))
+    ids = set()
+    for number, raw in enumerate(complete.decode("utf-8", "replace").splitlines(), start=1):
+        try:
+            ids.add(json.dumps(json.loads(raw)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"{out_path} line {number} is not a result line; "
+                             "is it the output of an earlier batch?") from None
+    return ids
+
+
+def run_batch(model: SpectrumModel, operation: str, in_path: str, out_path: str, *,
+              defaults: dict, shared_messages: list, resume: bool, strict: bool,
+              report: Callable[[str], None], progress: bool = True) -> BatchSummary:
+    summary = BatchSummary()
+    out = Path(out_path)
+    if not out.parent.is_dir():
+        raise InputError(f"the output folder {out.parent} does not exist")
+    if out.exists() and not resume:
+        raise InputError(f"{out} exists; pass --resume to continue that job, or choose another "
+                         "--out")
+
+    def fail(number: int, error: str) -> None:
+        if strict:
+            raise InputError(f"{in_path} line {number}: {error}")
+        report(f"{in_path} line {number}: {error} (skipped)")
+        summary.failed.append((number, error))
+
+    jobs = read_jobs(_read_lines(in_path), operation, defaults, fail)
+    finished = done_ids(out) if resume else set()
+    todo = [job for job in jobs if json.dumps(job.id) not in finished]
+    summary.already = len(jobs) - len(todo)
+    with open(out, "a" if resume else "x", encoding="utf-8") as sink, \
+            Progress(len(todo), enabled=progress) as bar:
+        for job in todo:
+            try:
+                result = RUNNERS[operation](model, shared_messages + job.messages, job.options)
+            except InputError as e:
+                fail(job.line, str(e))
+            else:
+                _write_line(sink, {"id": job.id, **result})
+                summary.done += 1
+            bar.advance()
+    return summary
+
+
+def _read_lines(in_path: str) -> list[str]:
+    try:
+        data = sys.stdin.buffer.read() if in_path == "-" else Path(in_path).read_bytes()
+        return data.decode("utf-8").splitlines()
+    except OSError as e:
+        raise InputError(f"cannot read {in_path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{in_path} is not UTF-8 text") from None
+
+
+def _write_line(sink: TextIO, record: dict) -> None:
+    # One write per line, flushed: a killed job never leaves a result half on disk except
+    # possibly the line being written, which resume cuts off.
+    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sink.flush()
+    os.fsync(sink.fileno())
