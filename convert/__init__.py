@@ -6,7 +6,8 @@
 F32/F16/BF16 are written directly. Quantized types are made by llama.cpp's own quantizer from
 a lossless intermediate (the checkpoint's own float type), deleted afterwards unless asked.
 Files are written under a temporary name in the target folder, read back and checked, then
-renamed, so a failed run never leaves a half-written model under the final name.
+renamed, so a failed or killed run never leaves a half-written model under the final name
+(see files.py). llama.cpp's quantizer runs in a child process (see quantize.py).
 """
 
 from __future__ import annotations
@@ -14,21 +15,19 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import gguf
 
 from spectrum_local.errors import InputError, SpectrumError
 from spectrum_local.formats import get_format
 
-from . import sizes
+from . import files, sizes
 from .checkpoint import Checkpoint, open_checkpoint
 from .families import TensorPlan, family_for
+from .quantize import quantize
 from .vocab import load_vocab, write_vocab
 from .writer import SOURCE_TYPES, tensor_nbytes, validate, write_gguf
 
@@ -71,6 +70,9 @@ def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, out
     family = family_for(ckpt.config)
     fmt = get_format(family.format if format == "auto" else format)
     path = _output_path(out, ckpt, outtype)
+    if not path.parent.is_dir():  # checked before anything is written
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise InputError(f"output folder {path.parent} {what}")
     if path.exists() and not force:
         raise InputError(f"{path} exists; pass --force to overwrite it")
     plans = family.plan(ckpt)
@@ -86,10 +88,13 @@ def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, out
         vocab = load_vocab(ckpt.folder, family, family.n_vocab(plans))
         write_vocab(w, vocab, ckpt.folder, fmt)
 
+    intermediate = path.with_name(f"{path.stem}.{SOURCE_TYPES[ckpt.dtype].name}.gguf")
+    for target in (path, intermediate):  # before the disk check: they take space
+        files.remove_stale_temps(target)
     if outtype in DIRECT:
         qtype = DIRECT[outtype]
         _check_disk(path.parent, _direct_nbytes(plans, qtype))
-        with _staged(path) as tmp:
+        with files.staged(path) as tmp:
             write_gguf(tmp, plans, qtype, add_metadata, family.arch_name, progress)
             validate(tmp, {p.name: (Q.F32 if p.keep_f32 else qtype) for p in plans})
     else:
@@ -97,21 +102,18 @@ def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, out
         final = sizes.data_nbytes([sizes.Tensor(p.name, p.shape, p.keep_f32) for p in plans],
                                   outtype, family.n_layers)
         _check_disk(path.parent, _direct_nbytes(plans, qtype) + final)
-        intermediate = path.with_name(f"{path.stem}.{qtype.name}.gguf")
-        if intermediate.exists() and not force:
+        if keep_intermediate and intermediate.exists() and not force:
             raise InputError(f"{intermediate} exists; pass --force to overwrite it")
-        with _staged(intermediate) as tmp:  # checked below, through the quantized file
-            write_gguf(tmp, plans, qtype, add_metadata, family.arch_name, progress)
-        try:
-            with _staged(path) as tmp:
-                _quantize(intermediate, tmp, outtype, progress)
-                reader = validate(tmp, [p.name for p in plans])
-                file_type = reader.get_field(gguf.Keys.General.FILE_TYPE).contents()
-                if file_type != FILE_TYPES[outtype]:
-                    raise SpectrumError(f"{path}: file type {file_type}, expected {outtype}")
-        finally:
-            if not keep_intermediate:
-                intermediate.unlink(missing_ok=True)
+        if keep_intermediate:
+            with files.staged(intermediate) as tmp:
+                write_gguf(tmp, plans, qtype, add_metadata, family.arch_name, progress)
+            _quantize_into(path, intermediate, plans, outtype, progress)
+        else:
+            # The intermediate is never renamed: a killed run then leaves only a hidden
+            # temporary file, no complete-looking float GGUF that blocks the next run.
+            with files.temporary(intermediate) as tmp:
+                write_gguf(tmp, plans, qtype, add_metadata, family.arch_name, progress)
+                _quantize_into(path, tmp, plans, outtype, progress)
     result = ConvertResult(path, outtype, fmt.name, len(plans), sum(p.n_params for p in plans),
                            path.stat().st_size, time.monotonic() - start)
     if progress:
@@ -132,36 +134,20 @@ def _direct_nbytes(plans: list[TensorPlan], qtype: Q) -> int:
 
 
 def _check_disk(folder: Path, needed: int) -> None:
-    if not folder.is_dir():
-        raise InputError(f"output folder {folder} does not exist")
     free = shutil.disk_usage(folder).free
     if free < needed + HEADROOM:
         raise SpectrumError(f"not enough disk space in {folder}: the conversion needs about "
                             f"{(needed + HEADROOM) / 1e9:.1f} GB, {free / 1e9:.1f} GB are free")
 
 
-@contextmanager
-def _staged(path: Path) -> Iterator[Path]:
-    """A temporary file beside ``path``, renamed onto it only if the block succeeds."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _quantize(src: Path, dst: Path, outtype: str, progress: bool) -> None:
-    from spectrum_local.engine import quantize  # llama.cpp, only needed for quantized types
-
-    if progress:
-        print(f"quantizing to {outtype.upper()} with llama.cpp ...", file=sys.stderr)
-    start = time.monotonic()
-    quantize(str(src), str(dst), outtype)
-    if progress:
-        print(f"quantized in {time.monotonic() - start:.0f} s", file=sys.stderr)
+def _quantize_into(path: Path, source: Path, plans: list[TensorPlan], outtype: str,
+                   progress: bool) -> None:
+    with files.staged(path) as tmp:
+        quantize(source, tmp, outtype, path, progress)
+        reader = validate(tmp, [p.name for p in plans])  # also checks the intermediate
+        file_type = reader.get_field(gguf.Keys.General.FILE_TYPE).contents()
+        if file_type != FILE_TYPES[outtype]:
+            raise SpectrumError(f"{path}: file type {file_type}, expected {outtype}")
 
 
 __all__ = ["convert", "ConvertResult", "OUTTYPES"]

@@ -7,6 +7,7 @@ is loaded, so converting never holds more than one tensor in memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ HUB_FILES = [
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "README.md",
 ]
-SOURCE_DTYPES = ("BF16", "F16", "F32")
+ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
+SOURCE_DTYPES = tuple(ITEMSIZE)
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def open_checkpoint(source: str | os.PathLike, revision: str | None = None) -> C
     config_file = path / "config.json"
     if not config_file.is_file():
         raise InputError(f"{path}: no config.json; is this a Hugging Face checkpoint folder?")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = read_json(config_file)
     return Checkpoint(path, repo_id, config, _index_tensors(path))
 
 
@@ -77,6 +79,20 @@ def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":  # bfloat16 is the top half of a float32
         return (array.astype(np.uint32) << 16).view(np.float32)
     return array.astype(np.float32)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; anything else is the caller's bad input, not a crash."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") \
+            from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def _looks_like_repo_id(source: str) -> bool:
@@ -102,7 +118,10 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
 def _index_tensors(folder: Path) -> dict[str, LocalTensor]:
     if (folder / INDEX).is_file():
-        weight_map = json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json(folder / INDEX).get("weight_map")
+        if not (isinstance(weight_map, dict)
+                and all(isinstance(f, str) for f in weight_map.values())):
+            raise InputError(f"{folder / INDEX}: no weight_map of tensor names to shard files")
         files = sorted(set(weight_map.values()))
     elif (folder / SINGLE).is_file():
         files = [SINGLE]
@@ -113,12 +132,26 @@ def _index_tensors(folder: Path) -> dict[str, LocalTensor]:
     for name in files:
         if not (folder / name).is_file():
             raise InputError(f"{folder}: shard {name} listed in {INDEX} is missing")
-        try:
+        try:  # a malformed header entry surfaces as any of these
             tensors.update(SafetensorsLocal(folder / name).tensors)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InputError(f"{folder / name}: not a valid safetensors file ({e})") from None
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:
+            raise InputError(f"{folder / name}: not a valid safetensors file ({e!r})") from None
     for name, t in tensors.items():
-        if t.dtype not in SOURCE_DTYPES:
-            raise InputError(f"tensor {name} has type {t.dtype}; supported source types are "
-                             f"{', '.join(SOURCE_DTYPES)} (quantized checkpoints are not)")
+        _check_tensor(name, t)
     return tensors
+
+
+def _check_tensor(name: str, t: LocalTensor) -> None:
+    """Catch a bad tensor now, not as a mmap error or a reshape error halfway through writing."""
+    if t.dtype not in SOURCE_DTYPES:
+        raise InputError(f"tensor {name} has type {t.dtype}; supported source types are "
+                         f"{', '.join(SOURCE_DTYPES)} (quantized checkpoints are not)")
+    r = t.data_range
+    file_size = os.stat(r.filename).st_size
+    if r.offset + r.size > file_size:  # e.g. an interrupted download
+        raise InputError(f"{r.filename}: truncated: tensor {name} ends at byte {r.offset + r.size} "
+                         f"but the file has {file_size} bytes; download it again")
+    expected = math.prod(t.shape) * ITEMSIZE[t.dtype]
+    if r.size != expected:
+        raise InputError(f"{r.filename}: tensor {name} has {r.size} bytes, its shape "
+                         f"{list(t.shape)} in {t.dtype} needs {expected}")

@@ -39,6 +39,14 @@ class TensorPlan:
         return math.prod(self.shape)
 
 
+class _Config(dict):
+    """Hyper-parameters: a key missing from config.json is the checkpoint's fault, said so in one
+    line, not a KeyError traceback from wherever it is first read."""
+
+    def __missing__(self, key: str):
+        raise InputError(f"config.json has no {key!r}, which this architecture needs")
+
+
 class Family:
     """Base for one Hugging Face architecture family."""
 
@@ -46,12 +54,19 @@ class Family:
     format: str                      # the spectrum format of its released fine-tunes
     hf_architectures: tuple[str, ...]
     tokenizer: str                   # "spm" (SentencePiece) or "bpe" (byte-level BPE)
+    # every block's GGUF tensors (suffixes of blk.N.), checked so that a checkpoint missing one
+    # fails here rather than writing a GGUF that llama.cpp refuses to load
+    layer_tensors: tuple[str, ...] = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                      "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
     bpe_pre: str | None = None       # llama.cpp's pre-tokenizer name for BPE vocabularies
     defaults: dict[str, Any] = {}    # config values transformers assumes when a key is absent
     default_rope_theta = 10000.0
 
     def __init__(self, config: dict[str, Any]):
-        self.hp = {**self.defaults, **config.get("text_config", config)}
+        text_config = config.get("text_config", config)
+        if not isinstance(text_config, dict):
+            raise InputError("config.json: text_config is not an object")
+        self.hp = _Config({**self.defaults, **text_config})
         self.n_layers: int = self.hp["num_hidden_layers"]
         self.n_head: int = self.hp["num_attention_heads"]
         self.n_head_kv: int = self.hp.get("num_key_value_heads", self.n_head)
@@ -126,14 +141,25 @@ class Family:
             raise InputError("the checkpoint has no token embedding (model.embed_tokens.weight)")
         if not self.tied and "output.weight" not in names:
             raise InputError("config says tie_word_embeddings=false but there is no lm_head.weight")
-        return sorted(plans, key=_natural_key)
+        self._check_complete(names)
+        return sorted(plans, key=lambda p: _natural_key(p.name))
+
+    def _check_complete(self, names: set[str]) -> None:
+        expected = {"output_norm.weight"} | {f"blk.{i}.{t}.weight" for i in range(self.n_layers)
+                                             for t in self.layer_tensors}
+        # (tensors of layers beyond n_layers already fail the name map above)
+        missing = sorted(expected - names, key=_natural_key)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise InputError(f"the checkpoint lacks tensors of its {self.n_layers}-layer "
+                             f"{self.arch_name} model (GGUF names): {', '.join(missing[:3])}{more}")
 
     def n_vocab(self, plans: list[TensorPlan]) -> int:
         return next(p.shape[0] for p in plans if p.name == "token_embd.weight")
 
 
-def _natural_key(plan: TensorPlan) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", plan.name))
+def _natural_key(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
 class Llama(Family):
@@ -192,6 +218,7 @@ class Qwen3(Family):
     hf_architectures = ("Qwen3ForCausalLM",)
     tokenizer = "bpe"
     bpe_pre = "qwen2"
+    layer_tensors = (*Family.layer_tensors, "attn_q_norm", "attn_k_norm")
 
 
 class Gemma3(Family):
@@ -199,6 +226,7 @@ class Gemma3(Family):
     format = "gemma3"
     hf_architectures = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
     tokenizer = "spm"
+    layer_tensors = (*Qwen3.layer_tensors, "post_attention_norm", "post_ffw_norm")
     # Gemma3TextConfig's defaults: multimodal checkpoints leave these out of text_config.
     defaults = {
         "vocab_size": 262208, "head_dim": 256, "num_attention_heads": 8, "num_key_value_heads": 4,

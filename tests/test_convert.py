@@ -317,16 +317,7 @@ def test_source_dtypes_load_exactly(tmp_path):
 
 def test_peak_memory_stays_near_one_tensor(tmp_path, checkpoints):
     """Converting a 0.5 GB bf16 checkpoint holds about one tensor, not the model, in memory."""
-    folder = tmp_path / "big"
-    shutil.copytree(checkpoints["gemma3"], folder, ignore=shutil.ignore_patterns("*.safetensors"))
-    config = json.loads((folder / "config.json").read_text())
-    config.update(hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
-                  num_attention_heads=8, num_key_value_heads=4, head_dim=128,
-                  query_pre_attn_scalar=128, layer_types=["sliding_attention"] * 12)
-    (folder / "config.json").write_text(json.dumps(config))
-    hf = tiny_checkpoints.random_text_weights(config)
-    from safetensors.torch import save_file
-    save_file({k: v.to(torch.bfloat16) for k, v in hf.items()}, folder / "model.safetensors")
+    folder = tiny_checkpoints.build_gemma3_wide(checkpoints["gemma3"], tmp_path / "big", 12)
     ckpt_bytes = (folder / "model.safetensors").stat().st_size
     # VmHWM is this process's peak RSS (ru_maxrss would carry pytest's own peak across exec).
     code = ("import re, sys\nfrom spectrum_local.convert import convert\n"

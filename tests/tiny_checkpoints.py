@@ -159,6 +159,22 @@ def random_text_weights(config: dict) -> dict[str, torch.Tensor]:
     return {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
 
 
+def build_gemma3_wide(small: Path, folder: Path, n_layers: int) -> Path:
+    """A bigger bf16 Gemma 3 (hidden 1024, ~15.7 M parameters a layer) with ``small``'s
+    tokenizer and random weights, built without transformers in a few seconds."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(small, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=1024, intermediate_size=4096, num_hidden_layers=n_layers,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=128,
+                  query_pre_attn_scalar=128, layer_types=["sliding_attention"] * n_layers)
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = random_text_weights(config)
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, folder / "model.safetensors")
+    return folder
+
+
 def build_llama3(folder: Path) -> Path:
     """LlamaForCausalLM with Llama 3.1's rope scaling (original context shortened so that all
     three regimes of the scaling show up in a short prompt), untied, sharded safetensors."""
