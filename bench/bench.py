@@ -134,6 +134,38 @@ def main() -> None:
     rows.append((f"score, {first_len}-token prompt, then a new final input", "the first call",
                  t_second, t_first, "second / first", "<= 0.35", t_second / t_first))
 
+    # 6. a batch job whose lines share the long prompt: the cached prefix vs none.
+    import json
+    import tempfile
+
+    from spectrum_local.batch import run_batch
+
+    finals = [f"The capital city is {c}, where I am going." for c in
+              ("Lisbon", "Vienna", "Prague", "Athens", "Havana", "Manila", "Doha", "Baku")]
+    lines = [{"id": i, "messages": long_prompt(text)[-1:]} for i, text in enumerate(finals)]
+    shared = long_prompt("")[:-1]
+
+    with tempfile.TemporaryDirectory() as folder:
+        src = Path(folder, "in.jsonl")
+        src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+        def batch_job():
+            engine.clear()
+            Path(folder, "out.jsonl").unlink(missing_ok=True)
+            run_batch(model, "score", str(src), str(Path(folder, "out.jsonl")),
+                      defaults={"candidates": CANDIDATES}, shared_messages=shared, resume=False,
+                      strict=False, report=print, progress=False)
+
+        def no_prefix_cache():
+            for line in lines:
+                engine.clear()
+                model.score(shared + line["messages"], CANDIDATES)
+
+        t_batch, t_cold = best_of(batch_job, 3), best_of(no_prefix_cache, 3)
+    rows.append((f"--batch of {len(lines)} lines sharing a {first_len}-token prefix",
+                 "the same lines with no prefix cache", t_batch, t_cold, "speed-up", "(issue 4)",
+                 t_cold / t_batch))
+
     print_table(rows)
 
 

