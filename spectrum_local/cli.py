@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -74,8 +74,16 @@ class MessageCommand(click.Command):
         return super().parse_args(ctx, args)
 
 
-def message_options(command):
-    options = [
+def _options(*options):
+    """One decorator for a group of options shared by several commands."""
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
+message_options = _options(
         click.option("--description", "-d", multiple=True,
                      help="What to generate: a description of the distribution."),
         click.option("--input", "-i", "input", multiple=True,
@@ -85,12 +93,10 @@ def message_options(command):
         click.option("--messages", "messages_file", type=click.Path(allow_dash=True),
                      help='JSON file (or - for stdin) holding [{"role": ..., "content": ...}]; '
                           "its messages come before any -d/-i/-o."),
-    ]
-    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+)
 
 
-def batch_options(command):
-    options = [
+batch_options = _options(
         click.option("--batch", "batch_in", metavar="IN.jsonl",
                      help="Run one prompt per JSON line of IN.jsonl (- for stdin): "
                           '{"id", "messages", ...this command\'s options}. -d/-i/-o messages '
@@ -103,12 +109,10 @@ def batch_options(command):
         click.option("--strict", is_flag=True,
                      help="With --batch: stop at the first malformed line instead of "
                           "reporting and skipping it."),
-    ]
-    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+)
 
 
-def model_options(command):
-    options = [
+model_options = _options(
         click.option("--model", "-m", metavar="GGUF",
                      help="A .gguf file, or REPO_ID:FILE.gguf on the Hugging Face hub. "
                           "Default: $SPECTRUM_LOCAL_MODEL, else the small demo model."),
@@ -121,8 +125,7 @@ def model_options(command):
         click.option("--ctx", "ctx_size", type=click.IntRange(min=32), default=4096, show_default=True,
                      help="Context size in tokens: prompt plus what is scored or sampled."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
-    ]
-    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+)
 
 
 def _messages(ctx: click.Context, description, input, output, messages_file) -> list[dict]:
@@ -374,5 +377,11 @@ def convert(source, out, outtype, format_name, revision, force, keep_intermediat
                    force=force, keep_intermediate=keep_intermediate, progress=True)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # SIGTERM (kill, a job manager) cleans up and exits like Ctrl-C.
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="spectrum-local")
