@@ -4,7 +4,8 @@ One model, one context, many sequences in a unified KV cache:
 - sequence 0 always holds the most recent prompt (``cached_tokens``); a new prompt that shares a
   prefix with it only evaluates the new part;
 - continuations (score candidates, samples) are sequences 1..n that share the prompt's cells
-  through ``llama_memory_seq_cp`` and are removed when the call ends;
+  (``llama_memory_seq_cp`` for a cached prompt; for new prompt tokens, by belonging to every
+  sequence in the same batch) and are removed when the call ends;
 - all continuations advance together, one ``llama_decode`` per batch, with logits asked only
   where they are needed.
 """
@@ -140,8 +141,9 @@ class Engine:
         self._prompt_row = np.empty(0, dtype=np.float32)  # logits after cached_tokens
         # Sampling runs llama.cpp's sampler chains on logits rows we hold, one worker thread
         # per core (ctypes releases the GIL), each with its own candidate buffer.
-        self._samplers = [_CandidateBuffer(self.n_vocab) for _ in range(threads)]
-        self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+        workers = min(threads, 8)
+        self._samplers = [_CandidateBuffer(self.n_vocab) for _ in range(workers)]
+        self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         self.tokens_evaluated = 0  # tokens sent to llama_decode so far (for tests and the bench)
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -404,11 +406,14 @@ class Engine:
         """``n`` independent continuations of ``prompt``, decoded side by side. Returns each
         one's tokens (without the stop token) and why it ended: "stop" or "length"."""
         with self._lock, self._consistent():
-            if len(prompt) + max_tokens > self.n_ctx:
-                max_tokens = self.n_ctx - len(prompt)
+            self._reuse_prefix(prompt)  # checks that the prompt fits
+            room = self.n_ctx - len(prompt)
+            max_tokens = min(max_tokens, room)
+            # All samples of a group hold their tokens in the context at once.
+            per_group = max(1, min(self.max_sequences - 1, room // max_tokens))
             results: list[tuple[list[int], str]] = []
-            for lo in range(0, n, self.max_sequences - 1):
-                count = min(n - lo, self.max_sequences - 1)
+            for lo in range(0, n, per_group):
+                count = min(n - lo, per_group)
                 seeds = [None if seed is None else seed + lo + j for j in range(count)]
                 results += self._sample_group(prompt, count, max_tokens, settings, seeds, stop_tokens)
             return results

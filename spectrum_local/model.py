@@ -11,7 +11,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from . import formats
-from .engine import Engine, SamplerSettings, common_prefix, log_softmax
+from .engine import Engine, SamplerSettings, common_prefix, log_softmax, logsumexp
 from .errors import InputError, SpectrumError
 from .results import CandidateScore, Sample, ScoreResult, TokenProb
 from .source import locate
@@ -116,26 +116,27 @@ class SpectrumModel:
         for text in candidates:
             full = self.tokenize(self._fmt.render(parsed, candidate=text))
             start = common_prefix(prompt_tokens, full)
+            own, respelled = len(continuations), None
             continuations.append((start, full[start:]))
-            respelled = None
             if start < len(prompt_tokens):
                 # The tokenizer merged the candidate into the prompt's last text, so the scored
                 # tokens re-spell part of the prompt: divide by that part's own probability.
+                respelled = len(continuations)
                 continuations.append((start, prompt_tokens[start:]))
-                respelled = len(continuations) - 1
-            plan.append((len(continuations) - 1 - (respelled is not None), respelled))
+            plan.append((own, respelled))
         logprobs = self.engine.continuation_logprobs(prompt_tokens, continuations)
         scored = []
-        for text, (own, respelled) in zip(candidates, plan):
+        for own, respelled in plan:
             logprob = float(logprobs[own].sum())
             if respelled is not None:
                 logprob -= float(logprobs[respelled].sum())
-            scored.append((text, logprob, len(continuations[own][1])))
-        coverage = sum(math.exp(lp) for _, lp, _ in scored)
-        return ScoreResult(coverage, [
-            CandidateScore(text, lp, math.exp(lp),
-                           math.exp(lp) / coverage if coverage > 0 else float("nan"), n)
-            for text, lp, n in scored])
+            scored.append(logprob)
+        # In log space, so normalisation holds even when every probability underflows.
+        log_coverage = float(logsumexp(np.array(scored)))
+        return ScoreResult(math.exp(log_coverage), [
+            CandidateScore(text, lp, math.exp(lp), math.exp(lp - log_coverage),
+                           len(continuations[own][1]))
+            for text, lp, (own, _) in zip(candidates, scored, plan)])
 
 
 def _check_positive(**values: int) -> None:

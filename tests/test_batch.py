@@ -112,9 +112,13 @@ def test_killed_job_resumes_with_no_duplicate_and_no_lost_line(tmp_path):
     assert all(len(r["samples"]) == 2 for r in results)
 
 
-def test_ctrl_c_exits_130_promptly():
-    proc = cli("score", "-d", "Count.", "-c", "0..3000")
-    time.sleep(4)  # loaded and scoring: 3001 candidates take longer than this
+@pytest.mark.parametrize("args", [
+    ("score", "-d", "Count.", "-c", "0..3000"),  # 3001 candidates: longer than the sleep
+    ("sample", "-d", "A long story.", "-n", "60", "--max-tokens", "400"),
+])
+def test_ctrl_c_exits_130_promptly(args):
+    proc = cli(*args)
+    time.sleep(4)  # loaded and working
     proc.send_signal(signal.SIGINT)
     start = time.monotonic()
     _, err = proc.communicate(timeout=60)

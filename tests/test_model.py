@@ -254,3 +254,13 @@ def test_each_sampled_token_comes_from_its_own_sequence(model):
         for i, token in enumerate(tokens):
             logits = model.engine.prompt_logits(prompt + tokens[:i])
             assert token in np.argsort(-logits)[:20]
+
+
+def test_samples_that_outgrow_the_context_run_in_groups():
+    # 10 samples x 50 tokens need more cells than a 256-token context holds at once.
+    import spectrum_local
+
+    small = spectrum_local.load(ctx=256)
+    samples = small.sample(FEW_SHOT, n=10, max_tokens=50, seed=4, top_k=1)
+    assert len(samples) == 10 and len(set(samples)) == 1  # greedy: all the same
+    small.close()
