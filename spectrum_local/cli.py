@@ -84,47 +84,48 @@ def _options(*options):
 
 
 message_options = _options(
-        click.option("--description", "-d", multiple=True,
-                     help="What to generate: a description of the distribution."),
-        click.option("--input", "-i", "input", multiple=True,
-                     help="An example input (repeatable; pairs with the -o that follows it)."),
-        click.option("--output", "-o", multiple=True,
-                     help="An example output (repeatable; order on the command line is kept)."),
-        click.option("--messages", "messages_file", type=click.Path(allow_dash=True),
-                     help='JSON file (or - for stdin) holding [{"role": ..., "content": ...}]; '
-                          "its messages come before any -d/-i/-o."),
+    click.option("--description", "-d", multiple=True,
+                 help="What to generate: a description of the distribution."),
+    click.option("--input", "-i", "input", multiple=True,
+                 help="An example input (repeatable; pairs with the -o that follows it)."),
+    click.option("--output", "-o", multiple=True,
+                 help="An example output (repeatable; order on the command line is kept)."),
+    click.option("--messages", "messages_file", type=click.Path(allow_dash=True),
+                 help='JSON file (or - for stdin) holding [{"role": ..., "content": ...}]; '
+                      "its messages come before any -d/-i/-o."),
 )
 
 
 batch_options = _options(
-        click.option("--batch", "batch_in", metavar="IN.jsonl",
-                     help="Run one prompt per JSON line of IN.jsonl (- for stdin): "
-                          '{"id", "messages", ...this command\'s options}. -d/-i/-o messages '
-                          "come before each line's; the command's options are the defaults."),
-        click.option("--out", "batch_out", metavar="OUT.jsonl", type=click.Path(dir_okay=False),
-                     help="With --batch: one result per line, with the input line's id, "
-                          "flushed as it completes."),
-        click.option("--resume", is_flag=True,
-                     help="With --batch: skip the ids already in OUT (restart a killed job)."),
-        click.option("--strict", is_flag=True,
-                     help="With --batch: stop at the first malformed line instead of "
-                          "reporting and skipping it."),
+    click.option("--batch", "batch_in", metavar="IN.jsonl",
+                 help="Run one prompt per JSON line of IN.jsonl (- for stdin): "
+                      '{"id", "messages", ...this command\'s options}. -d/-i/-o messages '
+                      "come before each line's; the command's options are the defaults."),
+    click.option("--out", "batch_out", metavar="OUT.jsonl", type=click.Path(dir_okay=False),
+                 help="With --batch: one result per line, with the input line's id, "
+                      "flushed as it completes."),
+    click.option("--resume", is_flag=True,
+                 help="With --batch: skip the ids already in OUT (restart a killed job)."),
+    click.option("--strict", is_flag=True,
+                 help="With --batch: stop at the first malformed line instead of "
+                      "reporting and skipping it."),
 )
 
 
 model_options = _options(
-        click.option("--model", "-m", metavar="GGUF",
-                     help="A .gguf file, or REPO_ID:FILE.gguf on the Hugging Face hub. "
-                          "Default: $SPECTRUM_LOCAL_MODEL, else the small demo model."),
-        click.option("--format", "format_name", type=click.Choice(sorted(formats.FORMATS)),
-                     help="The prompt format; default: read from the GGUF."),
-        click.option("--gpu-layers", type=click.IntRange(min=-1),
-                     help="Layers to offload to the GPU (-1: all). Default: all when llama.cpp "
-                          "was built with Metal or CUDA, else 0."),
-        click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all)."),
-        click.option("--ctx", "ctx_size", type=click.IntRange(min=32), default=4096, show_default=True,
-                     help="Context size in tokens: prompt plus what is scored or sampled."),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+    click.option("--model", "-m", metavar="GGUF",
+                 help="A .gguf file, or REPO_ID:FILE.gguf on the Hugging Face hub. "
+                      "Default: $SPECTRUM_LOCAL_MODEL, else the small demo model."),
+    click.option("--format", "format_name", type=click.Choice(sorted(formats.FORMATS)),
+                 help="The prompt format; default: read from the GGUF."),
+    click.option("--gpu-layers", type=click.IntRange(min=-1),
+                 help="Layers to offload to the GPU (-1: all). Default: all when llama.cpp "
+                      "was built with Metal or CUDA, else 0."),
+    click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all)."),
+    click.option("--ctx", "ctx_size", type=click.IntRange(min=32), default=4096,
+                 show_default=True,
+                 help="Context size in tokens: prompt plus what is scored or sampled."),
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
 )
 
 
@@ -153,7 +154,9 @@ def _run(operation: str, messages: list[dict], loader, run_one, defaults,
     if not batch_out:
         raise click.UsageError("--batch needs --out OUT.jsonl")
     if messages:
-        formats.parse_messages(messages)
+        with warnings.catch_warnings():  # each line adds its own messages: check roles only
+            warnings.simplefilter("ignore")
+            formats.parse_messages(messages)
     model = loader()
     start = time.monotonic()
     summary = run_batch(model, operation, batch_in, batch_out, defaults=defaults,

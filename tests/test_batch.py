@@ -1,7 +1,6 @@
 """Batch jobs (--batch/--out/--resume/--strict) and sharing one model between threads."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
