@@ -281,17 +281,20 @@ class Engine:
         for seq in range(1, self.max_sequences):
             llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
 
-    def _reuse_prefix(self, prompt: Sequence[int]) -> int:
-        """Trim sequence 0 to its common prefix with ``prompt``; return how many of the
-        prompt's tokens it holds. All of them only if the prompt is exactly the cached one, whose
-        logits row is kept: a repeated prompt gets exactly the same numbers (re-decoding its last
-        token alone would round differently on quantized kernels and change seeded samples)."""
+    def _check_fits(self, prompt: Sequence[int]) -> None:
         if not prompt:
             raise InputError("the prompt is empty")
         if len(prompt) >= self.n_ctx:
             raise InputError(f"the prompt is {len(prompt)} tokens but the context holds "
                              f"{self.n_ctx}; raise --ctx (the model was trained on "
                              f"{self.n_ctx_train})")
+
+    def _reuse_prefix(self, prompt: Sequence[int]) -> int:
+        """Trim sequence 0 to its common prefix with ``prompt``; return how many of the
+        prompt's tokens it holds. All of them only if the prompt is exactly the cached one, whose
+        logits row is kept: a repeated prompt gets exactly the same numbers (re-decoding its last
+        token alone would round differently on quantized kernels and change seeded samples)."""
+        self._check_fits(prompt)
         if list(prompt) != self.cached_tokens:
             keep = min(common_prefix(self.cached_tokens, prompt), len(prompt) - 1)
             llama_cpp.llama_memory_seq_rm(self._memory, 0, keep, -1)
@@ -372,7 +375,7 @@ class Engine:
             positions.append(pos)
             seq_sets.append((0, *(seq for seq, first in firsts.items() if first > pos)))
             wants.append(pos == len(prompt) - 1)
-        owner = []  # the sequence whose token each entry is (None: the shared prompt)
+        owner = []  # the sequence of each continuation entry (after the prompt's entries)
         for seq, i in enumerate(group, start=1):
             start, cont = continuations[i]
             full = list(prompt[:start]) + list(cont)
@@ -406,7 +409,7 @@ class Engine:
         """``n`` independent continuations of ``prompt``, decoded side by side. Returns each
         one's tokens (without the stop token) and why it ended: "stop" or "length"."""
         with self._lock, self._consistent():
-            self._reuse_prefix(prompt)  # checks that the prompt fits
+            self._check_fits(prompt)
             room = self.n_ctx - len(prompt)
             max_tokens = min(max_tokens, room)
             # All samples of a group hold their tokens in the context at once.

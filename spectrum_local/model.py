@@ -3,6 +3,7 @@ into tokens, asks the engine, and returns typed results."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -50,6 +51,9 @@ class SpectrumModel:
                                     f"is not a {fmt.name}-format model (try --format)")
             self._control_ids[marker] = token
         self.end_of_output_id = self._control_ids[fmt.end_of_output]
+        # Prompts repeat their text runs (every candidate, every line of a batch job re-renders
+        # the same description and examples): tokenise each distinct run once.
+        self._text_tokens = functools.lru_cache(maxsize=4096)(engine.tokenize)
 
     def __repr__(self) -> str:
         return f"SpectrumModel({self.path!r}, format={self.format!r})"
@@ -66,7 +70,7 @@ class SpectrumModel:
             if seg.is_control:
                 tokens.append(self._control_ids[seg.text])
             else:
-                tokens += self.engine.tokenize(seg.text)
+                tokens += self._text_tokens(seg.text)
         return tokens
 
     def prompt_tokens(self, messages: Messages, output_prefix: str = "") -> list[int]:
