@@ -16,7 +16,7 @@ import contextlib
 import ctypes
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -471,7 +471,14 @@ class Engine:
 
         if workers == 1:
             return work(0)
-        parts = list(self._pool.map(work, range(workers)))
+        futures = [self._pool.submit(work, w) for w in range(workers)]
+        try:
+            parts = [f.result() for f in futures]
+        except BaseException:
+            # Ctrl-C lands in this thread while workers still run the chains: the caller frees
+            # those chains next, so let the workers finish first (else a use after free).
+            wait(futures)
+            raise
         return [parts[j % workers][j // workers] for j in range(len(chains))]
 
     @staticmethod
