@@ -29,7 +29,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .families import TensorPlan, family_for
 from .quantize import quantize
 from .vocab import load_vocab, write_vocab
-from .writer import SOURCE_TYPES, tensor_nbytes, validate, write_gguf
+from .writer import SOURCE_TYPES, tensor_nbytes, tensor_type, validate, write_gguf
 
 Q = gguf.GGMLQuantizationType
 DIRECT = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
@@ -95,8 +95,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, out
         qtype = DIRECT[outtype]
         _check_disk(path.parent, _direct_nbytes(plans, qtype))
         with files.staged(path) as tmp:
-            write_gguf(tmp, plans, qtype, add_metadata, family.arch_name, progress)
-            validate(tmp, {p.name: (Q.F32 if p.keep_f32 else qtype) for p in plans})
+            keys = write_gguf(tmp, plans, qtype, add_metadata, family.arch_name, progress)
+            validate(tmp, {p.name: (tensor_type(p, qtype), p.shape) for p in plans}, keys)
     else:
         qtype = SOURCE_TYPES[ckpt.dtype]  # lossless: the quantizer reads the source's own values
         final = sizes.data_nbytes([sizes.Tensor(p.name, p.shape, p.keep_f32) for p in plans],
@@ -106,14 +106,14 @@ def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, out
             raise InputError(f"{intermediate} exists; pass --force to overwrite it")
         if keep_intermediate:
             with files.staged(intermediate) as tmp:
-                write_gguf(tmp, plans, qtype, add_metadata, family.arch_name, progress)
-            _quantize_into(path, intermediate, plans, outtype, progress)
+                keys = write_gguf(tmp, plans, qtype, add_metadata, family.arch_name, progress)
+            _quantize_into(path, intermediate, plans, outtype, keys, progress)
         else:
             # The intermediate is never renamed: a killed run then leaves only a hidden
             # temporary file, no complete-looking float GGUF that blocks the next run.
             with files.temporary(intermediate) as tmp:
-                write_gguf(tmp, plans, qtype, add_metadata, family.arch_name, progress)
-                _quantize_into(path, tmp, plans, outtype, progress)
+                keys = write_gguf(tmp, plans, qtype, add_metadata, family.arch_name, progress)
+                _quantize_into(path, tmp, plans, outtype, keys, progress)
     result = ConvertResult(path, outtype, fmt.name, len(plans), sum(p.n_params for p in plans),
                            path.stat().st_size, time.monotonic() - start)
     if progress:
@@ -141,11 +141,12 @@ def _check_disk(folder: Path, needed: int) -> None:
 
 
 def _quantize_into(path: Path, source: Path, plans: list[TensorPlan], outtype: str,
-                   progress: bool) -> None:
+                   keys: set[str], progress: bool) -> None:
     with files.staged(path) as tmp:
         quantize(source, tmp, outtype, path, progress)
-        reader = validate(tmp, [p.name for p in plans])  # also checks the intermediate
-        file_type = reader.get_field(gguf.Keys.General.FILE_TYPE).contents()
+        # llama.cpp picks each tensor's type; the intermediate's metadata is carried over
+        fields = validate(tmp, [p.name for p in plans], keys)
+        file_type = fields[gguf.Keys.General.FILE_TYPE]
         if file_type != FILE_TYPES[outtype]:
             raise SpectrumError(f"{path}: file type {file_type}, expected {outtype}")
 

@@ -27,6 +27,7 @@ HUB_FILES = [
     "added_tokens.json", "README.md",
 ]
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
+RAW_TYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}  # bfloat16 kept as bits
 SOURCE_DTYPES = tuple(ITEMSIZE)
 
 
@@ -71,8 +72,7 @@ def load_tensor(tensor: LocalTensor) -> np.ndarray:
     """The tensor as a read-only view of the mapped file (BF16 stays raw, as uint16)."""
     raw = np.memmap(tensor.data_range.filename, dtype=np.uint8, mode="r",
                     offset=tensor.data_range.offset, shape=(tensor.data_range.size,))
-    dtype = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[tensor.dtype]
-    return raw.view(dtype).reshape(tensor.shape)
+    return raw.view(RAW_TYPES[tensor.dtype]).reshape(tensor.shape)
 
 
 def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:

@@ -26,6 +26,7 @@ import gguf
 import pytest
 
 from spectrum_local.convert import convert
+from spectrum_local.errors import SpectrumError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_checkpoints  # noqa: E402
@@ -193,6 +194,39 @@ def test_output_gets_normal_permissions(small, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert result.path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- the read-back check ----------------------------------------------------------------------
+
+def test_read_back_check_agrees_with_gguf_reader_and_catches_damage(small, tmp_path):
+    """The check after writing reads only the header (not the vocabulary, as gguf.GGUFReader
+    would): it finds what GGUFReader finds, and a lost tail, tensor or key."""
+    from spectrum_local.convert.writer import read_index, validate
+    path = convert(small, tmp_path / "x.gguf", "f16", progress=False).path
+    fields, tensors, data_start = read_index(path)
+    reader = gguf.GGUFReader(path)
+    assert sorted(fields) == sorted(k for k in reader.fields if not k.startswith("GGUF."))
+    for key, value in fields.items():  # arrays as their length
+        field = reader.fields[key]
+        array = field.types[0] == gguf.GGUFValueType.ARRAY
+        assert value == (len(field.contents()) if array else field.contents()), key
+    assert reader.data_offset == data_start
+    for t in reader.tensors:
+        assert tensors[t.name] == (t.tensor_type, tuple(reversed(t.shape.tolist())),
+                                   t.data_offset - data_start)
+    expected = {name: (t, shape) for name, (t, shape, _) in tensors.items()}
+    assert validate(path, expected, set(fields))["general.name"] == "gemma3"
+    with pytest.raises(SpectrumError, match="missing \\['blk.9.attn_q.weight'\\]"):
+        validate(path, {**expected, "blk.9.attn_q.weight": expected["blk.0.attn_q.weight"]},
+                 set(fields))
+    with pytest.raises(SpectrumError, match="metadata keys missing: \\['spectrum.other'\\]"):
+        validate(path, expected, {*fields, "spectrum.other"})
+    os.truncate(path, path.stat().st_size - 40)  # padding after a tensor is under 32 bytes
+    with pytest.raises(SpectrumError, match="truncated"):
+        validate(path, expected, set(fields))
+    os.truncate(path, 1000)
+    with pytest.raises(SpectrumError, match="does not read back as GGUF"):
+        validate(path, expected, set(fields))
 
 
 # --- Ctrl-C ------------------------------------------------------------------------------------
