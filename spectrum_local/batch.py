@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
@@ -20,6 +19,7 @@ from . import candidates as candidate_specs
 from .display import Progress
 from .errors import InputError
 from .model import SpectrumModel
+from .textfile import read_text
 
 # Per operation: the fields a line may hold besides id and messages, with their JSON types.
 _NUMBER = (int, float)
@@ -162,7 +162,7 @@ def run_batch(model: SpectrumModel, operation: str, in_path: str, out_path: str,
         report(f"{in_path} line {number}: {error} (skipped)")
         summary.failed.append((number, error))
 
-    jobs = read_jobs(_read_lines(in_path), operation, defaults, fail)
+    jobs = read_jobs(read_text(in_path, "batch input").splitlines(), operation, defaults, fail)
     finished = done_ids(out) if resume else set()
     todo = [job for job in jobs if json.dumps(job.id) not in finished]
     summary.already = len(jobs) - len(todo)
@@ -178,16 +178,6 @@ def run_batch(model: SpectrumModel, operation: str, in_path: str, out_path: str,
                 summary.done += 1
             bar.advance()
     return summary
-
-
-def _read_lines(in_path: str) -> list[str]:
-    try:
-        data = sys.stdin.buffer.read() if in_path == "-" else Path(in_path).read_bytes()
-        return data.decode("utf-8").splitlines()
-    except OSError as e:
-        raise InputError(f"cannot read {in_path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{in_path} is not UTF-8 text") from None
 
 
 def _write_line(sink: TextIO, record: dict) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import InputError
+from .textfile import read_text
 
 MAX_RANGE = 10_000  # a range larger than this is almost surely a typo
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(\d+))?$")
@@ -40,12 +41,7 @@ def parse_spec(spec: str) -> list[str]:
 
 def read_file(path: str | Path) -> list[str]:
     """One candidate per line, kept exactly (spaces included); blank lines are skipped."""
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except OSError as e:
-        raise InputError(f"cannot read candidates file {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"candidates file {path} is not UTF-8 text") from None
+    text = read_text(path, "candidates file")
     return [line for line in text.splitlines() if line != ""]
 
 

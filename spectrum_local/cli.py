@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import click
 
 from . import candidates as candidate_specs
 from . import display, formats
+from .engine import MIN_CTX
 from .errors import InputError, SpectrumError
 from .model import SpectrumModel, load
+from .textfile import read_text
 
 EXAMPLES = """
 \b
@@ -122,9 +122,9 @@ model_options = _options(
                  help="Layers to offload to the GPU (-1: all). Default: all when llama.cpp "
                       "was built with Metal or CUDA, else 0."),
     click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all)."),
-    click.option("--ctx", "ctx_size", type=click.IntRange(min=32), default=4096,
-                 show_default=True,
-                 help="Context size in tokens: prompt plus what is scored or sampled."),
+    click.option("--ctx", "ctx_size", type=click.IntRange(min=MIN_CTX),
+                 help="Context size in tokens: prompt plus what is scored or sampled. "
+                      "Default: 4096, or the model's trained length if smaller."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
 )
 
@@ -166,14 +166,10 @@ def _run(operation: str, messages: list[dict], loader, run_one, defaults,
 
 
 def _read_messages_file(path: str) -> list:
+    text = read_text(path, "messages file")
     name = "stdin" if path == "-" else path
     try:
-        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-        parsed = json.loads(data.decode("utf-8"))
-    except OSError as e:
-        raise InputError(f"cannot read messages file {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"messages from {name} are not UTF-8 text") from None
+        parsed = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"messages from {name} are not valid JSON: {e.msg} at line {e.lineno}, "
                          f"column {e.colno}") from None

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import numbers
 import os
+import platform
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -24,6 +26,14 @@ import llama_cpp
 import numpy as np
 
 from .errors import InputError, SpectrumError
+
+# llama.cpp 0.3.36's limits: LLAMA_MAX_SEQ (llama-cparams.h) and GGML_MAX_N_THREADS (ggml.h);
+# more threads than OpenMP can start aborts the process.
+LLAMA_MAX_SEQ = 256
+MAX_THREADS = 512
+INT32_MAX = 2**31 - 1
+DEFAULT_CTX = 4096  # tokens, or the model's trained length if smaller
+MIN_CTX = 32  # llama.cpp rounds the cells up to 256, but decodes at most ctx tokens at a time
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -52,11 +62,37 @@ def use_extra_buffer_types() -> bool:
     forced = os.environ.get("SPECTRUM_LOCAL_EXTRA_BUFTS")
     if forced in ("0", "1"):
         return forced == "1"
+    return not cpu_has_amx()
+
+
+def cpu_has_amx() -> bool:
+    return "amx_int8" in _cpuinfo()
+
+
+def cpu_name() -> str:
+    """The processor's model name (for reports: quantized numbers differ between CPUs)."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return "amx_int8" not in f.read()
-    except OSError:
-        return True
+            return f.read()
+    except OSError:  # not Linux
+        return ""
+
+
+def check_int(name: str, value, low: int | None = None, high: int | None = None) -> None:
+    """An InputError naming ``name`` unless ``value`` is a whole number in [low, high]."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise InputError(f"{name} must be a whole number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bound = (f"between {low} and {high}" if low is not None and high is not None
+                 else f"at least {low}" if low is not None else f"at most {high}")
+        raise InputError(f"{name} must be {bound}, got {value}")
 
 
 def supports_gpu_offload() -> bool:
@@ -89,14 +125,24 @@ class SamplerSettings:
 class Engine:
     """A loaded GGUF model and its context. Thread-safe: calls are serialised."""
 
-    def __init__(self, path: str, *, ctx: int = 4096, gpu_layers: int | None = None,
+    def __init__(self, path: str, *, ctx: int | None = None, gpu_layers: int | None = None,
                  threads: int | None = None, batch: int = 512, max_sequences: int = 64):
+        # Every number that reaches llama.cpp is checked here: past its limits llama.cpp
+        # asserts (killing the process), OpenMP aborts, or ctypes silently wraps the value.
+        if ctx is not None:
+            check_int("ctx", ctx, MIN_CTX)
+        check_int("batch", batch, 2)  # sequence 0 and at least one continuation
+        check_int("max_sequences", max_sequences, 2)
+        if threads is not None:
+            check_int("threads", threads, 1, MAX_THREADS)
+        if gpu_layers is not None:
+            check_int("gpu_layers", gpu_layers, -1)
         _init_backend()
         self.path = path = os.fspath(path)
         if gpu_layers is None:
             gpu_layers = -1 if supports_gpu_offload() else 0
         model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = gpu_layers
+        model_params.n_gpu_layers = min(gpu_layers, INT32_MAX)  # more than the model has: all
         model_params.use_extra_bufts = use_extra_buffer_types()
         self._model = llama_cpp.llama_model_load_from_file(path.encode(), model_params)
         if not self._model:
@@ -107,12 +153,25 @@ class Engine:
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         self.metadata = self._read_metadata()
 
-        threads = threads or max(1, os.cpu_count() or 1)
+        # Past the trained length positions are out of distribution, and the KV cache alone of
+        # ctx=10**9 would ask for terabytes: the trained length is the limit (and the default's
+        # cap, so a small model loads with the default).
+        limit = self.n_ctx_train or DEFAULT_CTX
+        if ctx is None:
+            ctx = min(DEFAULT_CTX, limit)
+        elif ctx > limit:
+            llama_cpp.llama_model_free(self._model)
+            raise InputError(f"ctx={ctx} is more than the {limit} tokens this model was trained on")
+        threads = threads or min(max(1, os.cpu_count() or 1), MAX_THREADS)
+        # llama.cpp caps a decode's tokens (and so its outputs) at min(ctx, batch) but reserves
+        # an output row for every sequence: more sequences than that asserts in the
+        # constructor (n_outputs_max), e.g. --ctx 32..63 with 64 sequences.
+        batch = min(batch, ctx)
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = ctx
         ctx_params.n_batch = batch
         ctx_params.n_ubatch = batch
-        ctx_params.n_seq_max = max_sequences
+        ctx_params.n_seq_max = min(max_sequences, LLAMA_MAX_SEQ, batch)
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         # One KV buffer for all sequences, so a copied prompt shares its cells instead of
@@ -258,22 +317,21 @@ class Engine:
         if rc != 0:
             raise SpectrumError(f"llama_decode failed with code {rc}")
 
-    def _decode_all(self, tokens, positions, seq_sets, wants) -> dict[int, np.ndarray]:
-        """Decode in batches of n_batch; return the logits rows of the wanted tokens by index."""
-        rows = {}
+    def _decode_all(self, tokens, positions, seq_sets, wants, reduce=None) -> dict:
+        """Decode in batches of n_batch; return ``reduce(index, row)`` for each wanted token's
+        logits row, by index (a copy of the row without ``reduce``). Each decode's rows are
+        reduced before the next decode, so memory holds what ``reduce`` keeps, not a row of
+        n_vocab floats (1 MiB for Gemma 3) per wanted token."""
+        reduce = reduce or (lambda j, row: row.copy())
+        kept = {}
         for lo in range(0, len(tokens), self.n_batch):
             hi = min(lo + self.n_batch, len(tokens))
             self._decode(tokens[lo:hi], positions[lo:hi], seq_sets[lo:hi], wants[lo:hi])
             wanted = [j for j in range(lo, hi) if wants[j]]
-            rows.update(zip(wanted, self._logits_rows([j - lo for j in wanted])))
-        return rows
-
-    def _logits_rows(self, indices: Sequence[int]) -> np.ndarray:
-        rows = np.empty((len(indices), self.n_vocab), dtype=np.float32)
-        for r, i in enumerate(indices):
-            ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
-            rows[r] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-        return rows
+            if wanted:
+                kept.update((j, reduce(j, row))
+                            for j, row in zip(wanted, self._logits_view(len(wanted))))
+        return kept
 
     def _forget_continuations(self) -> None:
         # Sequences 1.. are scratch; only sequence 0 (the cached prompt) survives a call.
@@ -375,7 +433,8 @@ class Engine:
             positions.append(pos)
             seq_sets.append((0, *(seq for seq, first in firsts.items() if first > pos)))
             wants.append(pos == len(prompt) - 1)
-        owner = []  # the sequence of each continuation entry (after the prompt's entries)
+        n_prompt = len(tokens)
+        owner, targets = [], []  # per continuation entry: its sequence, the token it predicts
         for seq, i in enumerate(group, start=1):
             start, cont = continuations[i]
             full = list(prompt[:start]) + list(cont)
@@ -385,23 +444,27 @@ class Engine:
                 seq_sets.append((seq,))
                 wants.append(pos >= start - 1)
                 owner.append(seq)
-        rows = self._decode_all(tokens, positions, seq_sets, wants)
-        n_prompt = len(prompt) - keep
+                targets.append(full[pos + 1])
+
+        def reduce(j, row):  # the prompt's last row is kept whole (the prefix cache's row)
+            if j < n_prompt:
+                return row.copy()
+            return float(row[targets[j - n_prompt]] - logsumexp(row))
+
+        kept = self._decode_all(tokens, positions, seq_sets, wants, reduce)
         if n_prompt:
-            self._prompt_row = rows[n_prompt - 1]
+            self._prompt_row = kept.pop(n_prompt - 1)
             self.cached_tokens = list(prompt)
-        prompt_prediction = (self._prompt_row, logsumexp(self._prompt_row))
-        predictions = {seq: [] for seq in firsts}
-        wanted = sorted(j for j in rows if j >= n_prompt)
-        for j, lse in zip(wanted, logsumexp(np.stack([rows[j] for j in wanted])) if wanted else []):
-            predictions[owner[j - n_prompt]].append((rows[j], lse))
+        logprobs = {seq: [] for seq in firsts}
+        for j in sorted(kept):
+            logprobs[owner[j - n_prompt]].append(kept[j])
+        prompt_lse = logsumexp(self._prompt_row)
         for seq, i in enumerate(group, start=1):
             start, cont = continuations[i]
-            preds = predictions[seq]
+            own = logprobs[seq]
             if start == len(prompt):
-                preds = [prompt_prediction] + preds
-            results[i] = np.array([row[t] - lse for (row, lse), t in zip(preds, cont)],
-                                  dtype=np.float64)
+                own = [self._prompt_row[cont[0]] - prompt_lse] + own
+            results[i] = np.array(own, dtype=np.float64)
         self._forget_continuations()
 
     def sample(self, prompt: Sequence[int], n: int, max_tokens: int, settings: SamplerSettings,
@@ -481,13 +544,13 @@ class Engine:
             raise
         return [parts[j % workers][j // workers] for j in range(len(chains))]
 
-    @staticmethod
-    def _sampler_chain(settings: SamplerSettings, seed: int | None):
+    def _sampler_chain(self, settings: SamplerSettings, seed: int | None):
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
         # Only samplers that change something are added: the default chain is just "dist".
         if settings.repeat_penalty != 1.0:
-            add(llama_cpp.llama_sampler_init_penalties(64, settings.repeat_penalty, 0.0, 0.0))
+            add(llama_cpp.llama_sampler_init_penalties(self.n_vocab, 64, settings.repeat_penalty,
+                                                       0.0, 0.0))
         if settings.top_k > 0:
             add(llama_cpp.llama_sampler_init_top_k(settings.top_k))
         if settings.top_p < 1.0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 import warnings
 from typing import Iterable, Mapping, Sequence
@@ -12,24 +13,25 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from . import formats
-from .engine import Engine, SamplerSettings, common_prefix, log_softmax, logsumexp
+from .engine import Engine, SamplerSettings, check_int, common_prefix, log_softmax, logsumexp
 from .errors import InputError, SpectrumError
 from .results import CandidateScore, Sample, ScoreResult, TokenProb
 from .source import locate
 
 Messages = Iterable[Mapping[str, object] | formats.Message]
 
+# Samples per call: n=10**6 is hours of decoding, not a request anyone means to make in one call.
+MAX_SAMPLES = 10_000
+
 
 def load(model: str | os.PathLike | None = None, *, format: str | None = None,
-         gpu_layers: int | None = None, threads: int | None = None, ctx: int = 4096,
+         gpu_layers: int | None = None, threads: int | None = None, ctx: int | None = None,
          batch: int = 512) -> "SpectrumModel":
     """Load a spectrum model. ``model`` is a .gguf path, a hub ``REPO_ID:FILE.gguf``, or None
     for $SPECTRUM_LOCAL_MODEL or the default model. ``format`` overrides the family that is
     otherwise read from the GGUF (gemma3, llama3, qwen3). ``gpu_layers`` defaults to all layers
-    when llama.cpp was built with a GPU backend."""
-    for name, value in (("ctx", ctx), ("batch", batch), ("threads", threads)):
-        if value is not None and value <= 0:
-            raise InputError(f"{name} must be positive, got {value}")
+    when llama.cpp was built with a GPU backend; ``ctx`` to 4096 tokens, or the model's trained
+    length if that is smaller."""
     source = locate(model)
     engine = Engine(source.path, ctx=ctx, gpu_layers=gpu_layers, threads=threads, batch=batch)
     fmt = formats.get_format(format) if format else formats.detect(engine.metadata)
@@ -85,12 +87,21 @@ class SpectrumModel:
                top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0) -> list[Sample]:
         """``n`` i.i.d. outputs. The defaults (temperature 1, no truncation) draw from exactly
         the distribution the model was trained to match."""
-        _check_positive(n=n, max_tokens=max_tokens)
-        if temperature < 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1 or top_k < 0 \
+        check_int("n", n, 1, MAX_SAMPLES)
+        # Larger than the room left in the context is cut there by the engine.
+        check_int("max_tokens", max_tokens, 1)
+        if seed is not None:
+            check_int("seed", seed)  # any whole number: its low 32 bits seed llama.cpp
+        check_int("top_k", top_k, 0)
+        floats = (temperature, top_p, min_p, repeat_penalty)
+        if not all(isinstance(x, numbers.Real) and math.isfinite(x) for x in floats) \
+                or temperature < 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1 \
                 or repeat_penalty <= 0:
             raise InputError("sampling settings out of range: temperature >= 0, top_k >= 0, "
-                             "0 < top_p <= 1, 0 <= min_p <= 1, repeat_penalty > 0")
-        settings = SamplerSettings(temperature, top_k, top_p, min_p, repeat_penalty)
+                             "0 < top_p <= 1, 0 <= min_p <= 1, repeat_penalty > 0, all finite")
+        # top_k past the vocabulary keeps everything (and must fit llama.cpp's int32).
+        settings = SamplerSettings(temperature, min(top_k, self.engine.n_vocab), top_p, min_p,
+                                   repeat_penalty)
         prompt_tokens = self.prompt_tokens(messages)
         runs = self.engine.sample(prompt_tokens, n, max_tokens, settings, seed,
                                   stop_tokens={self.end_of_output_id})
@@ -100,7 +111,7 @@ class SpectrumModel:
     def top(self, messages: Messages, k: int = 10, *, prefix: str = "") -> list[TokenProb]:
         """The ``k`` most likely next tokens at the first output position (or after ``prefix``,
         output text already written)."""
-        _check_positive(k=k)
+        check_int("k", k, 1)
         if k > self.engine.n_vocab:
             raise InputError(f"k={k} is larger than the vocabulary ({self.engine.n_vocab} tokens)")
         logprobs = log_softmax(self.engine.prompt_logits(self.prompt_tokens(messages, prefix))[None])[0]
@@ -141,12 +152,6 @@ class SpectrumModel:
             CandidateScore(text, lp, math.exp(lp), math.exp(lp - log_coverage),
                            len(continuations[own][1]))
             for text, lp, (own, _) in zip(candidates, scored, plan)])
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or value <= 0:
-            raise InputError(f"{name} must be a positive whole number, got {value!r}")
 
 
 def _unique_candidates(candidates: Sequence[str]) -> list[str]:

@@ -36,6 +36,9 @@ def test_file_keeps_lines_exactly(tmp_path):
     f = tmp_path / "c.txt"
     f.write_text(" leading\ntrailing \n\nwith, comma\r\nlast", encoding="utf-8")
     assert collect(files=[f]) == [" leading", "trailing ", "with, comma", "last"]
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeff7\n8\n".encode())  # a Windows editor's byte-order mark is not content
+    assert collect(files=[bom]) == ["7", "8"]
     with pytest.raises(InputError, match="cannot read"):
         collect(files=[tmp_path / "missing.txt"])
     bad = tmp_path / "bad.txt"

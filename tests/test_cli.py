@@ -90,6 +90,16 @@ def test_messages_from_stdin_and_info():
     assert info["chat_template"] is False and info["parameters"] > 2e8
 
 
+def test_messages_with_a_byte_order_mark(tmp_path):
+    messages = json.dumps([{"role": "description", "content": DICE}]).encode()
+    path = tmp_path / "prompt.json"
+    path.write_bytes(b"\xef\xbb\xbf" + messages)
+    from_file, _ = run_json("top", "--messages", str(path), "-k", "2")
+    from_stdin, _ = run_json("top", "--messages", "-", "-k", "2", stdin=b"\xef\xbb\xbf" + messages)
+    plain, _ = run_json("top", "-d", DICE, "-k", "2")
+    assert from_file["tokens"] == from_stdin["tokens"] == plain["tokens"]
+
+
 @pytest.mark.parametrize("args,stdin,code,message", [
     (("score", "-d", "x", "-c", "12..2"), None, 2, "invalid range"),
     (("score", "-d", "x"), None, 2, "no candidates"),
