@@ -32,9 +32,14 @@ def _same_model_params():
         api.llama_model_default_params = original
 
 
-def naive_llama(path: str, n_ctx: int = 2048) -> llama_cpp.Llama:
+def naive_llama(path: str, n_ctx: int = 2048, *, n_batch: int = 512,
+                f32_cache: bool = False) -> llama_cpp.Llama:
+    """``n_batch`` sets how many tokens go into one llama_decode (the batch layout);
+    ``f32_cache`` keeps the KV cache in F32, as the engine does for F32 models."""
+    f32 = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     with _same_model_params():
-        return llama_cpp.Llama(path, n_ctx=n_ctx, logits_all=True, verbose=False)
+        return llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                               logits_all=True, verbose=False, **f32)
 
 
 def sequence_logprob(llm: llama_cpp.Llama, context: Sequence[int], tokens: Sequence[int]) -> float:

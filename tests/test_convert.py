@@ -60,23 +60,6 @@ CANDIDATES = [str(n) for n in range(2, 13)]
 # --- fixtures ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {name: build(root / name) for name, build in tiny_checkpoints.BUILDERS.items()}
-
-
-@pytest.fixture(scope="session")
-def gguf_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("gguf")
-
-
-@pytest.fixture(scope="session")
-def f32(checkpoints, gguf_dir) -> dict[str, Path]:
-    return {name: convert(path, gguf_dir / f"{name}-F32.gguf", "f32", progress=False).path
-            for name, path in checkpoints.items()}
-
-
-@pytest.fixture(scope="session")
 def hf_tokenizers(checkpoints):
     from transformers import AutoTokenizer
     return {name: AutoTokenizer.from_pretrained(path) for name, path in checkpoints.items()}
@@ -313,6 +296,17 @@ def test_source_dtypes_load_exactly(tmp_path):
     for name, t in tensors.items():
         loaded = to_float32(load_tensor(ckpt.tensors[name]), ckpt.tensors[name].dtype)
         np.testing.assert_array_equal(loaded, t.float().numpy())
+
+
+def test_bf16_to_f16_rounds_every_value_as_numpy_does():
+    """The writer's integer-op bfloat16 -> float16 path, on all 65536 bfloat16 values (zeros,
+    tiny and huge values, inf, nan), gives numpy's float32 -> float16 bits."""
+    from spectrum_local.convert.writer import bf16_to_f16
+    bits = np.arange(1 << 16).astype(np.uint16)
+    with np.errstate(over="ignore"):
+        expected = to_float32(bits, "BF16").astype(np.float16)
+        got = bf16_to_f16(bits, np.empty(len(bits), np.float16), np.empty(len(bits), np.uint16))
+    np.testing.assert_array_equal(got.view(np.uint16), expected.view(np.uint16))
 
 
 def test_peak_memory_stays_near_one_tensor(tmp_path, checkpoints):
