@@ -1,19 +1,23 @@
 """make bench: spectrum-local against the naive approaches, measured in one process on the
-default model. Reports ratios (the best of several runs each), never absolute pass/fail."""
+default model. Reports ratios of medians (several runs each), never absolute pass/fail, under a
+header naming the CPU: quantized kernels, and so the ratios, differ between CPUs."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llama_cpp  # noqa: E402 - the raw baselines call llama.cpp directly
 from naive import naive_llama, sequence_logprob  # noqa: E402
 
 import spectrum_local  # noqa: E402
+from spectrum_local.engine import cpu_name, use_extra_buffer_types  # noqa: E402
 
 REPEATS = 5
 DICE = [{"role": "description", "content": "Roll two six-sided dice. What is the sum of their "
@@ -24,13 +28,16 @@ BOARD_GAMES = [{"role": "description", "content": "Board games"},
                {"role": "output", "content": "Catan"}, {"role": "output", "content": "Chess"}]
 
 
-def best_of(fn, repeats: int = REPEATS) -> float:
-    times = []
+def medians(*fns, repeats: int = REPEATS) -> list[float]:
+    """Each function's median time over ``repeats`` rounds; the functions take turns within a
+    round, so a slow spell of the machine touches all of them alike."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, fn_times in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def long_prompt(final_input: str) -> list[dict]:
@@ -72,7 +79,7 @@ def main() -> None:
         engine._decode(all_tokens, range(len(all_tokens)), [(0,)] * len(all_tokens),
                        [i >= len(prompt) - 1 for i in range(len(all_tokens))])
 
-    t_ours, t_naive, t_raw = best_of(ours_score), best_of(naive_score), best_of(raw_decode)
+    t_ours, t_naive, t_raw = medians(ours_score, naive_score, raw_decode)
     rows.append((f"score 11 candidates, {len(prompt)}-token prompt",
                  "Llama(logits_all) per candidate", t_ours, t_naive, "speed-up", ">= 8x",
                  t_naive / t_ours))
@@ -103,8 +110,7 @@ def main() -> None:
         engine.prompt_logits(board_prompt)  # drops the scratch sequences
 
     model.sample(BOARD_GAMES, n=1, max_tokens=1)  # warm the prompt cache
-    t_ours = best_of(ours_sample)
-    t_naive, t_raw = best_of(naive_sample), best_of(raw_steps)
+    t_ours, t_naive, t_raw = medians(ours_sample, naive_sample, raw_steps)
     rows.append((f"sample n={n}, {new_tokens} new tokens (ours: {statistics.mean(lengths):.1f} "
                  "per sample)", "8 sequential Llama.create_completion", t_ours, t_naive,
                  "speed-up", ">= 1.8x", t_naive / t_ours))
@@ -128,9 +134,8 @@ def main() -> None:
         second_times.append(time.perf_counter() - start)
 
     second_times: list[float] = []
-    t_first = best_of(first_call)
-    best_of(second_call)
-    t_second = min(second_times)
+    t_first, _ = medians(first_call, second_call)
+    t_second = statistics.median(second_times)
     rows.append((f"score, {first_len}-token prompt, then a new final input", "the first call",
                  t_second, t_first, "second / first", "<= 0.35", t_second / t_first))
 
@@ -161,18 +166,34 @@ def main() -> None:
                 engine.clear()
                 model.score(shared + line["messages"], CANDIDATES)
 
-        t_batch, t_cold = best_of(batch_job, 3), best_of(no_prefix_cache, 3)
+        t_batch, t_cold = medians(batch_job, no_prefix_cache, repeats=3)
     rows.append((f"--batch of {len(lines)} lines sharing a {first_len}-token prefix",
                  "the same lines with no prefix cache", t_batch, t_cold, "speed-up", "> 1",
                  t_cold / t_batch))
 
+    # 7-8. the converter against llama.cpp's own (its own processes; see bench_convert.py).
+    import bench_convert
+
+    rows += bench_convert.rows()
+
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp extra CPU buffer types "
+          f"{'on' if use_extra_buffer_types() else 'off'}; medians of {REPEATS} runs "
+          "(3 for the batch job and the converter)\n")
     print_table(rows)
 
 
 def print_table(rows) -> None:
-    header = ("case", "baseline", "ours (ms)", "baseline (ms)", "measure", "target", "result")
-    table = [header] + [(case, base, f"{ours * 1e3:.1f}", f"{ref * 1e3:.1f}", what, target,
-                         f"{ratio:.2f}") for case, base, ours, ref, what, target, ratio in rows]
+    """Rows of (case, baseline, ours, baseline value, measure, target, ratio); times in seconds
+    are shown in ms, ratios with two decimals, strings as they are."""
+    def ms(value) -> str:
+        return value if isinstance(value, str) else f"{value * 1e3:.1f} ms"
+
+    def ratio_text(value) -> str:
+        return value if isinstance(value, str) else f"{value:.2f}"
+
+    header = ("case", "baseline", "ours", "baseline", "measure", "target", "result")
+    table = [header] + [(case, base, ms(ours), ms(ref), what, target, ratio_text(ratio))
+                        for case, base, ours, ref, what, target, ratio in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for i, row in enumerate(table):
         print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
