@@ -140,9 +140,8 @@ def compare(repeats: int = REPEATS) -> dict[str, list[tuple[float, float]]]:
 def rows() -> list[tuple[str, ...]]:
     """(case, baseline, ours, baseline, measure, target, result), every cell a formatted string."""
     results = compare()
-    (t_ours, t_theirs), (m_ours, m_theirs) = (
-        [statistics.median(run[k] for run in results[name]) for name in ("ours", "theirs")]
-        for k in (0, 1))
+    (t_ours, m_ours), (t_theirs, m_theirs) = (
+        [statistics.median(values) for values in zip(*results[name])] for name in ("ours", "theirs"))
     return [
         (CASE, BASELINE, f"{t_ours:.1f} s", f"{t_theirs:.1f} s", "ours / theirs", "<= 1.0",
          f"{t_ours / t_theirs:.2f}"),

@@ -53,12 +53,17 @@ def naive(model):
     return naive_llama(model.path)
 
 
+def prompt_and_full_tokens(model, messages, candidate) -> tuple[list[int], list[int]]:
+    """The prompt's tokens, and those of the prompt with the candidate as a closed output turn."""
+    fmt, parsed = get_format(model.format), parse_messages(messages)
+    return (model.tokenize(fmt.render(parsed)),
+            model.tokenize(fmt.render(parsed, candidate=candidate)))
+
+
 def naive_score(model, naive, messages, candidate):
     """log P(candidate + end-of-output | prompt) from a full evaluation per candidate, with the
     prompt and candidate rendered as one string and split where their tokens first differ."""
-    fmt, parsed = get_format(model.format), parse_messages(messages)
-    prompt = model.tokenize(fmt.render(parsed))
-    full = model.tokenize(fmt.render(parsed, candidate=candidate))
+    prompt, full = prompt_and_full_tokens(model, messages, candidate)
     start = common_prefix(prompt, full)
     logprob = sequence_logprob(naive, full[:start], full[start:])
     if start < len(prompt):
@@ -67,9 +72,8 @@ def naive_score(model, naive, messages, candidate):
 
 
 def merges_into_prompt(model, messages, candidate) -> bool:
-    fmt, parsed = get_format(model.format), parse_messages(messages)
-    prompt = model.tokenize(fmt.render(parsed))
-    return model.tokenize(fmt.render(parsed, candidate=candidate))[:len(prompt)] != prompt
+    prompt, full = prompt_and_full_tokens(model, messages, candidate)
+    return full[:len(prompt)] != prompt
 
 
 # --- exact, on F32 models of each family -----------------------------------------------------
