@@ -12,7 +12,7 @@ import click
 
 from . import candidates as candidate_specs
 from . import display, formats
-from .engine import MIN_CTX
+from .engine import MAX_THREADS, MIN_CTX
 from .errors import InputError, SpectrumError
 from .model import SpectrumModel, load
 from .textfile import read_text
@@ -121,7 +121,8 @@ model_options = _options(
     click.option("--gpu-layers", type=click.IntRange(min=-1),
                  help="Layers to offload to the GPU (-1: all). Default: all when llama.cpp "
                       "was built with Metal or CUDA, else 0."),
-    click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all)."),
+    click.option("--threads", type=click.IntRange(1, MAX_THREADS),
+                 help="CPU threads (default: all cores)."),
     click.option("--ctx", "ctx_size", type=click.IntRange(min=MIN_CTX),
                  help="Context size in tokens: prompt plus what is scored or sampled. "
                       "Default: 4096, or the model's trained length if smaller."),
