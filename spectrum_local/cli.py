@@ -312,26 +312,8 @@ def top(ctx, description, input, output, messages_file, k, prefix, batch_in, bat
 @model_options
 def info(model, format_name, gpu_layers, threads, ctx_size, as_json):
     """What a model file is, and what llama.cpp was built with."""
-    from .engine import supports_gpu_offload, system_info
-
-    m = _load(model, format_name, gpu_layers, threads, ctx_size)
-    meta, engine = m.engine.metadata, m.engine
-    details = {
-        "model": m.path,
-        "name": meta.get("general.name"),
-        "architecture": meta.get("general.architecture"),
-        "description": engine.description(),
-        "file_size": os.path.getsize(m.path),
-        "parameters": engine.n_params(),
-        "format": m.format,
-        "format_from": "spectrum.format" if "spectrum.format" in meta else
-                       ("--format" if format_name else "architecture"),
-        "context_trained": engine.n_ctx_train,
-        "context": engine.n_ctx,
-        "chat_template": "tokenizer.chat_template" in meta,
-        "gpu_offload": supports_gpu_offload(),
-        "backend": system_info(),
-    }
+    details = _load(model, format_name, gpu_layers, threads, ctx_size).info()
+    details.pop("prompt_format")  # the server's info shows it; here it would drown the rest
     if as_json:
         click.echo(json.dumps(details, ensure_ascii=False))
         return
@@ -341,6 +323,62 @@ def info(model, format_name, gpu_layers, threads, ctx_size, as_json):
         elif key == "parameters":
             value = f"{value / 1e6:,.1f} M"
         click.echo(f"{key.replace('_', ' '):<16} {value}")
+
+
+@cli.command(epilog="""
+\b
+Examples:
+  spectrum-local serve                                   # http://127.0.0.1:8717/
+  spectrum-local serve --model spectrum-gemma-3-12b-v1-Q4_K_M.gguf --api-key s3cret
+  curl -s localhost:8717/spectrum/v1/score -d '{"messages": [{"role": "description",
+    "content": "Roll two six-sided dice. What is the sum of their values?"}],
+    "candidates": "2..12"}'
+""")
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback exposes the model to the network: "
+                   "give it an --api-key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8717, show_default=True)
+@click.option("--api-key", envvar="SPECTRUM_LOCAL_API_KEY", metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on every API route "
+                   "(env: SPECTRUM_LOCAL_API_KEY).")
+@click.option("--cors-origin", multiple=True, metavar="ORIGIN",
+              help="Let pages from ORIGIN call the API (repeatable; e.g. an Electron or Tauri "
+                   "app's origin). Default: no cross-origin access.")
+@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish.")
+def serve(model, format_name, gpu_layers, threads, ctx_size, as_json, host, port, api_key,
+          cors_origin, grace):
+    """Keep one model loaded and answer HTTP: the native API, an OpenAI-compatible
+    /v1/completions, and a web page at / that charts scores, top tokens and samples.
+
+    Concurrent requests share decodes: samples advance together, scores go into one batch,
+    and a prompt prefix already in the cache is not evaluated again. Needs the serve extra:
+    pip install 'spectrum-local[serve]'.
+    """
+    try:
+        from .server import serve as run_server
+    except ImportError as e:
+        raise SpectrumError(f"serve needs its extra: pip install 'spectrum-local[serve]' ({e})") \
+            from None
+    if as_json:
+        raise click.UsageError("--json does not apply to serve (every response is JSON)")
+    if not _is_loopback(host) and not api_key:
+        click.echo(f"warning: binding {host} without --api-key: anyone who can reach this "
+                   "machine can use the model", err=True)
+    run_server(_load(model, format_name, gpu_layers, threads, ctx_size), host=host, port=port,
+               api_key=api_key, cors_origins=tuple(cors_origin), grace=grace)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @cli.command()

@@ -25,6 +25,7 @@ from typing import Sequence
 import llama_cpp
 import numpy as np
 
+from .backend import Backend, Busy, Generation, Path, PathResult, Step
 from .errors import InputError, SpectrumError
 
 # llama.cpp 0.3.36's limits: LLAMA_MAX_SEQ (llama-cparams.h) and GGML_MAX_N_THREADS (ggml.h);
@@ -122,7 +123,7 @@ class SamplerSettings:
                 or self.temperature == 0.0)
 
 
-class Engine:
+class Engine(Backend):
     """A loaded GGUF model and its context. Thread-safe: calls are serialised."""
 
     def __init__(self, path: str, *, ctx: int | None = None, gpu_layers: int | None = None,
@@ -197,6 +198,8 @@ class Engine:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.max_sequences)
         self._lock = threading.RLock()
         self.cached_tokens: list[int] = []  # what sequence 0 holds
+        self._free_seqs = list(range(1, self.max_sequences))  # sequence ids not in use
+        self._live: list[_Live] = []  # samples being generated, one sequence each
         self._prompt_row = np.empty(0, dtype=np.float32)  # logits after cached_tokens
         # Sampling runs llama.cpp's sampler chains on logits rows we hold, one worker thread
         # per core (ctypes releases the GIL), each with its own candidate buffer.
@@ -212,6 +215,9 @@ class Engine:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
+            for live in self._live:
+                llama_cpp.llama_sampler_free(live.chain)
+            self._live = []
             self._ctx = self._model = None
             if self._pool:
                 self._pool.shutdown()
@@ -220,10 +226,17 @@ class Engine:
         self.close()
 
     def clear(self) -> None:
-        """Forget every cached token (the next call evaluates its prompt from scratch)."""
+        """Forget every cached token (the next call evaluates its prompt from scratch) and end
+        every live sample ("abort")."""
         with self._lock:
             llama_cpp.llama_memory_clear(self._memory, True)
             self.cached_tokens = []
+            for live in self._live:
+                if not live.job.is_finished(live.index):
+                    live.job.finish(live.index, "abort")
+                llama_cpp.llama_sampler_free(live.chain)
+            self._live = []
+            self._free_seqs = list(range(1, self.max_sequences))
 
     # -- model facts --------------------------------------------------------------------------
 
@@ -260,12 +273,16 @@ class Engine:
 
     # -- tokens -------------------------------------------------------------------------------
 
-    def tokenize(self, text: str) -> list[int]:
-        """Plain text to tokens: nothing in ``text`` is read as a control token, no BOS added."""
+    def tokenize(self, text: str, *, special: bool = False, bos: bool = False) -> list[int]:
+        """Text to tokens. By default nothing in ``text`` is read as a control token and no BOS
+        is added (message content). ``special`` parses control tokens written in the text and
+        ``bos`` prepends the model's BOS if it uses one: a raw prompt, as vLLM tokenises it."""
         data = text.encode("utf-8")
         capacity = len(data) + 8
         tokens = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, False, False)
+        add_bos = bos and bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_bos,
+                                     special)
         if n < 0:
             raise SpectrumError(f"tokenizer failed on {len(data)} bytes of text")
         return list(tokens[:n])
@@ -288,9 +305,10 @@ class Engine:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:max(n, 0)]
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        """Tokens to text; control tokens are left out unless ``special``."""
         # Whole sequences at once, so multi-byte characters split over tokens come out whole.
-        data = b"".join(self.token_bytes(t, special=False) for t in tokens)
+        data = b"".join(self.token_bytes(t, special=special) for t in tokens)
         return data.decode("utf-8", "replace")
 
     def is_end_of_generation(self, token: int) -> bool:
@@ -333,11 +351,7 @@ class Engine:
                             for j, row in zip(wanted, self._logits_view(len(wanted))))
         return kept
 
-    def _forget_continuations(self) -> None:
-        # Sequences 1.. are scratch; only sequence 0 (the cached prompt) survives a call.
-        llama_cpp.llama_memory_seq_rm(self._memory, -1, len(self.cached_tokens), -1)
-        for seq in range(1, self.max_sequences):
-            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+    # -- sequences and the prefix cache -------------------------------------------------------
 
     def _check_fits(self, prompt: Sequence[int]) -> None:
         if not prompt:
@@ -347,190 +361,248 @@ class Engine:
                              f"{self.n_ctx}; raise --ctx (the model was trained on "
                              f"{self.n_ctx_train})")
 
-    def _reuse_prefix(self, prompt: Sequence[int]) -> int:
-        """Trim sequence 0 to its common prefix with ``prompt``; return how many of the
-        prompt's tokens it holds. All of them only if the prompt is exactly the cached one, whose
-        logits row is kept: a repeated prompt gets exactly the same numbers (re-decoding its last
-        token alone would round differently on quantized kernels and change seeded samples)."""
-        self._check_fits(prompt)
-        if list(prompt) != self.cached_tokens:
-            keep = min(common_prefix(self.cached_tokens, prompt), len(prompt) - 1)
-            llama_cpp.llama_memory_seq_rm(self._memory, 0, keep, -1)
-            self.cached_tokens = list(prompt[:keep])
-        self._forget_continuations()
-        return len(self.cached_tokens)
+    def check_tokens(self, tokens: Sequence[int]) -> None:
+        """Token ids from outside (an API client) must exist: llama.cpp aborts on others."""
+        for t in tokens:
+            if not isinstance(t, numbers.Integral) or not 0 <= t < self.n_vocab:
+                raise InputError(f"token id {t!r} is not in the vocabulary (0..{self.n_vocab - 1})")
+
+    def _take_seq(self) -> int:
+        return self._free_seqs.pop()
+
+    def _release_seq(self, seq: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._free_seqs.append(seq)
+
+    @property
+    def live_samples(self) -> int:
+        return len(self._live)
+
+    def _reserved_cells(self) -> int:
+        """KV cells the live samples may fill: each one's prompt once, and every sample's
+        max_tokens (an upper bound: prompts shared with the cache are counted anyway)."""
+        prompts = {id(s.job): len(s.job.prompt) for s in self._live}
+        return sum(prompts.values()) + sum(s.max_tokens for s in self._live)
 
     def _prefill(self, prompt: Sequence[int]) -> np.ndarray:
         """Make sequence 0 hold ``prompt``, evaluating only what the cache lacks; return the
         logits at the prompt's last position."""
-        keep = self._reuse_prefix(prompt)
-        if keep < len(prompt):
-            n = len(prompt) - keep
-            rows = self._decode_all(prompt[keep:], range(keep, len(prompt)), [(0,)] * n,
-                                    [False] * (n - 1) + [True])
-            self._prompt_row = rows[n - 1]
-            self.cached_tokens = list(prompt)
-        return self._prompt_row
+        return self._read([], keep=prompt)[1]
 
-    def prompt_logits(self, prompt: Sequence[int]) -> np.ndarray:
-        """Next-token logits after ``prompt``."""
+    def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None) -> list[PathResult]:
+        """What each path asks for, in as few decodes as fit, sharing every token two paths
+        have in common; then sequence 0 holds ``keep`` (the prefix cache)."""
         with self._lock, self._consistent():
-            return self._prefill(prompt)
+            return self._read(paths, keep)[0]
+
 
     @contextlib.contextmanager
     def _consistent(self):
         # A failed or interrupted decode leaves the cache in an unknown state: drop it.
         try:
             yield
+        except Busy:
+            raise  # nothing was decoded
         except BaseException:
             self.clear()
             raise
 
-    def continuation_logprobs(self, prompt: Sequence[int],
-                              continuations: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
-        """For each ``(start, tokens)``, the log-probability of each of ``tokens`` placed at
-        positions start.. after ``prompt[:start]``. ``start`` is normally ``len(prompt)``; it is
-        smaller when a tokenizer merges the continuation into the prompt's last text."""
-        with self._lock, self._consistent():
-            results: list[np.ndarray | None] = [None] * len(continuations)
-            for group in self._groups(prompt, continuations):
-                self._continuation_group(prompt, continuations, group, results)
-            return results  # type: ignore[return-value]
+    # -- reading log-probabilities along token paths --------------------------------------------
 
-    def _groups(self, prompt, continuations) -> list[list[int]]:
-        """Split continuations into runs that fit the free sequences and KV cells at once."""
-        free_cells = self.n_ctx - len(prompt)
-        groups: list[list[int]] = [[]]
-        used = 0
-        for i, (start, tokens) in enumerate(continuations):
-            need = len(tokens) + (len(prompt) - start)
-            if need > free_cells:
-                raise InputError(f"candidate {i + 1} needs {need} tokens after a {len(prompt)}-token "
-                                 f"prompt but the context holds {self.n_ctx}; raise --ctx")
-            if groups[-1] and (len(groups[-1]) >= self.max_sequences - 1 or used + need > free_cells):
-                groups.append([])
-                used = 0
-            groups[-1].append(i)
-            used += need
-        return groups
+    def _read(self, paths: Sequence[Path], keep: Sequence[int] | None):
+        for tokens in [p.tokens for p in paths] + ([keep] if keep is not None else []):
+            self._check_fits(tokens)
+            self.check_tokens(tokens)
+        results: list[PathResult | None] = [None] * len(paths)
+        todo = []
+        for i, path in enumerate(paths):
+            if path.wants_nothing:
+                results[i] = PathResult(np.zeros(0), [], [])
+            else:
+                todo.append(i)
+        keep_pending = keep is not None
+        while todo or keep_pending:
+            done = self._read_group(paths, todo, keep if keep_pending else None, results)
+            keep_pending = False
+            todo = todo[done:]
+        return results, self._prompt_row
 
-    def _continuation_group(self, prompt, continuations, group, results) -> None:
-        """One llama_decode (per n_batch tokens) for the prompt's uncached part and every
-        continuation in ``group``: prompt tokens belong to sequence 0 and to each continuation's
-        sequence, so they are evaluated once and attended to by all."""
-        keep = self._reuse_prefix(prompt)
-        # Continuation i lives in sequence s; it decodes from ``first``: its own tokens but the
-        # last (whose probability comes from the row before it), or from one token earlier
-        # when it re-spells the prompt's end (see ``start``).
-        firsts = {}
-        for seq, i in enumerate(group, start=1):
-            start = continuations[i][0]
-            firsts[seq] = start if start == len(prompt) else start - 1
-            llama_cpp.llama_memory_seq_cp(self._memory, 0, seq, 0, min(firsts[seq], keep))
-        tokens, positions, seq_sets, wants = [], [], [], []
-        for pos in range(keep, len(prompt)):
-            tokens.append(prompt[pos])
-            positions.append(pos)
-            seq_sets.append((0, *(seq for seq, first in firsts.items() if first > pos)))
-            wants.append(pos == len(prompt) - 1)
-        n_prompt = len(tokens)
-        owner, targets = [], []  # per continuation entry: its sequence, the token it predicts
-        for seq, i in enumerate(group, start=1):
-            start, cont = continuations[i]
-            full = list(prompt[:start]) + list(cont)
-            for pos in range(firsts[seq], len(full) - 1):
-                tokens.append(full[pos])
-                positions.append(pos)
-                seq_sets.append((seq,))
-                wants.append(pos >= start - 1)
-                owner.append(seq)
-                targets.append(full[pos + 1])
-
-        def reduce(j, row):  # the prompt's last row is kept whole (the prefix cache's row)
-            if j < n_prompt:
-                return row.copy()
-            return float(row[targets[j - n_prompt]] - logsumexp(row))
-
-        kept = self._decode_all(tokens, positions, seq_sets, wants, reduce)
-        if n_prompt:
-            self._prompt_row = kept.pop(n_prompt - 1)
-            self.cached_tokens = list(prompt)
-        logprobs = {seq: [] for seq in firsts}
-        for j in sorted(kept):
-            logprobs[owner[j - n_prompt]].append(kept[j])
-        prompt_lse = logsumexp(self._prompt_row)
-        for seq, i in enumerate(group, start=1):
-            start, cont = continuations[i]
-            own = logprobs[seq]
-            if start == len(prompt):
-                own = [self._prompt_row[cont[0]] - prompt_lse] + own
-            results[i] = np.array(own, dtype=np.float64)
-        self._forget_continuations()
-
-    def sample(self, prompt: Sequence[int], n: int, max_tokens: int, settings: SamplerSettings,
-               seed: int | None, stop_tokens: set[int]) -> list[tuple[list[int], str]]:
-        """``n`` independent continuations of ``prompt``, decoded side by side. Returns each
-        one's tokens (without the stop token) and why it ended: "stop" or "length"."""
-        with self._lock, self._consistent():
-            self._check_fits(prompt)
-            room = self.n_ctx - len(prompt)
-            max_tokens = min(max_tokens, room)
-            # All samples of a group hold their tokens in the context at once.
-            per_group = max(1, min(self.max_sequences - 1, room // max_tokens))
-            results: list[tuple[list[int], str]] = []
-            for lo in range(0, n, per_group):
-                count = min(n - lo, per_group)
-                seeds = [None if seed is None else seed + lo + j for j in range(count)]
-                results += self._sample_group(prompt, count, max_tokens, settings, seeds, stop_tokens)
-            return results
-
-    def _sample_group(self, prompt, count, max_tokens, settings, seeds, stop_tokens):
-        prompt_row = self._prefill(prompt)
-        chains = [self._sampler_chain(settings, s) for s in seeds]
+    def _read_group(self, paths, todo, keep, results) -> int:
+        """Decode the first paths of ``todo`` that fit the free sequences and cells at once
+        (and ``keep`` into sequence 0); return how many were done."""
+        cached, row0 = self.cached_tokens, self._prompt_row
+        plan = _Trie()
+        if keep is not None and list(keep) != cached:
+            keep_start = min(common_prefix(cached, keep), len(keep) - 1)
+            plan.add(Path(keep, len(keep), final=True), 0, keep_start)
+        budget = self.n_ctx - len(cached) - self._reserved_cells()
+        placed = []  # (path index, its sequence, where its decoding starts, first row cached)
+        for i in todo:
+            if len(placed) == len(self._free_seqs):
+                break
+            start, from_row0 = _decode_start(paths[i], cached)
+            if plan.size + plan.new_nodes(paths[i], start) > budget:
+                break
+            seq = self._free_seqs[len(placed)]
+            placed.append((i, seq, start, from_row0))
+            plan.add(paths[i], seq, start)
+        if todo and not placed:
+            if self._live:
+                raise Busy  # live samples hold the room this path needs: try after a step
+            if cached:  # the cached prompt takes the room: drop it and plan again
+                self.clear()
+                return self._read_group(paths, todo, keep, results)
+            raise InputError(f"a {len(paths[todo[0]].tokens)}-token sequence does not fit the "
+                             f"context ({self.n_ctx} tokens) with what it is read with; raise --ctx")
+        if plan.size > budget:
+            raise Busy if self._live else InputError(
+                f"the prompt ({len(keep)} tokens) does not fit the context; raise --ctx")
+        del self._free_seqs[:len(placed)]
         try:
-            outputs: list[list[int]] = [[] for _ in range(count)]
-            reasons = ["length"] * count
-            for j in range(count):
-                llama_cpp.llama_memory_seq_cp(self._memory, 0, j + 1, -1, -1)
-            live = list(range(count))
-            rows = np.broadcast_to(prompt_row, (count, self.n_vocab))  # every first token
-            step = 0
-            while live:
-                nxt = []
-                for j, token in zip(live, self._sample_rows([chains[j] for j in live], rows,
-                                                                   settings.truncates)):
-                    if token in stop_tokens or self.is_end_of_generation(token):
-                        reasons[j] = "stop"
-                    else:
-                        outputs[j].append(token)
-                        if len(outputs[j]) < max_tokens:
-                            nxt.append(j)
-                if not nxt:
-                    break
-                pos = len(prompt) + step
-                self._decode([outputs[j][-1] for j in nxt], [pos] * len(nxt),
-                             [(j + 1,) for j in nxt], [True] * len(nxt))
-                live = nxt
-                rows = self._logits_view(len(nxt))
-                step += 1
-            return list(zip(outputs, reasons))
+            for i, seq, start, _ in placed:
+                if start:
+                    llama_cpp.llama_memory_seq_cp(self._memory, 0, seq, 0, start)
+            if plan.keep_start is not None:
+                llama_cpp.llama_memory_seq_rm(self._memory, 0, plan.keep_start, -1)
+                self.cached_tokens = list(keep[:plan.keep_start])
+            rows = self._decode_all(plan.tokens, plan.positions, [tuple(s) for s in plan.seq_sets],
+                                    plan.wants, plan.reduce)
+            for i, seq, start, from_row0 in placed:
+                path = paths[i]
+                first_row = None
+                if from_row0:
+                    final = path.final and len(path.tokens) == len(cached)
+                    targets = {path.tokens[start]} if start < len(path.tokens) else set()
+                    first_row = _reduce(row0, targets, path.top, final)
+                results[i] = plan.result(path, seq, start, rows, first_row)
+            if plan.keep_start is not None:
+                self._prompt_row = rows[plan.keep_final]["row"]
+                self.cached_tokens = list(keep)
         finally:
-            for chain in chains:
-                llama_cpp.llama_sampler_free(chain)
-            self._forget_continuations()
+            for _, seq, _, _ in placed:
+                self._release_seq(seq)
+        return len(placed)
+
+    # -- sampling ---------------------------------------------------------------------------
+
+    def generate(self, prompt: Sequence[int], n: int, max_tokens: int, settings: SamplerSettings,
+                 seed: int | None, stop_tokens: set[int], *, logprobs: int | None = None,
+                 on_step=None, on_done=None, cancel: threading.Event | None = None) -> list[Generation]:
+        """``n`` independent continuations of ``prompt``, decoded side by side (see
+        ``GenerateJob`` for the arguments). Returns each one's ``Generation``."""
+        with self._lock, self._consistent():
+            job = self.new_job(prompt, n, max_tokens, settings, seed, stop_tokens, logprobs,
+                               on_step, on_done, cancel)
+            while not job.finished:
+                self.advance([job])
+            if job.error:
+                raise job.error
+            return job.results
+
+    def new_job(self, prompt, n, max_tokens, settings, seed, stop_tokens, logprobs=None,
+                on_step=None, on_done=None, cancel=None) -> GenerateJob:
+        self._check_fits(prompt)
+        self.check_tokens(prompt)
+        room = self.n_ctx - len(prompt)
+        return GenerateJob(list(prompt), n, min(max_tokens, room), settings, seed,
+                           set(stop_tokens), logprobs, on_step, on_done, cancel)
+
+    def advance(self, jobs: Sequence[GenerateJob]) -> None:
+        """Admit the waiting samples of ``jobs`` that fit, then one decode step for every live
+        sample (of these and earlier jobs)."""
+        for job in jobs:
+            self._admit(job)
+        if self._live:
+            self._step()
+
+    def _admit(self, job: GenerateJob) -> None:
+        if job.cancelled:
+            job.abandon()
+            return
+        indices = []
+        while job.waiting and len(indices) < len(self._free_seqs):
+            need = job.max_tokens * (len(indices) + 1) + len(job.prompt)
+            if self._live and self._reserved_cells() + need + len(self.cached_tokens) > self.n_ctx:
+                break
+            if not self._live and need > self.n_ctx:
+                if indices:  # the first sample alone always fits (max_tokens is cut to the room)
+                    break
+            indices.append(job.take_index())
+        if not indices:
+            return
+        row = self._prefill(job.prompt)
+        chains = [self._sampler_chain(job.settings, job.seed_of(i)) for i in indices]
+        fresh = [_Live(job, i, None, chain, len(job.prompt), job.max_tokens) for i, chain in
+                 zip(indices, chains)]
+        tokens = self._sample_rows(fresh, np.broadcast_to(row, (len(fresh), self.n_vocab)))
+        for live, token in zip(fresh, tokens):
+            if self._accept(live, token, row):
+                live.seq = self._take_seq()
+                llama_cpp.llama_memory_seq_cp(self._memory, 0, live.seq, -1, -1)
+                self._live.append(live)
+
+    def _step(self) -> None:
+        for live in self._live:
+            if live.job.cancelled:
+                live.job.abandon()
+        self._live = [s for s in self._live if not self._drop_if_done(s)]
+        if not self._live:
+            return
+        live = self._live
+        self._decode([s.last for s in live], [s.pos for s in live], [(s.seq,) for s in live],
+                     [True] * len(live))
+        rows = self._logits_view(len(live))
+        tokens = self._sample_rows(live, rows)
+        for s, token, row in zip(live, tokens, rows):
+            s.pos += 1
+            self._accept(s, token, row)
+        self._live = [s for s in live if not self._drop_if_done(s)]
+
+    def _accept(self, live: _Live, token: int, row: np.ndarray) -> bool:
+        """Record a sampled token; return whether the sample goes on."""
+        job, result = live.job, live.job.results[live.index]
+        if token in job.stop_tokens or self.is_end_of_generation(token):
+            result.stop_step = Step(live.index, token, *_step_logprobs(row, token, job.logprobs))
+            job.finish(live.index, "stop", token)
+        else:
+            step = Step(live.index, token, *_step_logprobs(row, token, job.logprobs))
+            result.tokens.append(token)
+            result.steps.append(step)
+            live.last = token
+            if job.on_step and not job.call(job.on_step, step):
+                job.finish(live.index, "stop")
+            elif len(result.tokens) >= job.max_tokens:
+                job.finish(live.index, "length")
+        if job.is_finished(live.index):
+            llama_cpp.llama_sampler_free(live.chain)
+            live.chain = None
+            return False
+        return True
+
+    def _drop_if_done(self, live: _Live) -> bool:
+        if not live.job.is_finished(live.index):
+            return False
+        if live.chain is not None:
+            llama_cpp.llama_sampler_free(live.chain)
+            live.chain = None
+        if live.seq is not None:
+            self._release_seq(live.seq)
+            live.seq = None
+        return True
 
     def _logits_view(self, n_outputs: int) -> np.ndarray:
         """The last decode's logits, one row per output in batch order, without a copy."""
         ptr = llama_cpp.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
 
-    def _sample_rows(self, chains, rows: np.ndarray, truncates: bool) -> list[int]:
-        """One token per (chain, row), the rows split over the worker threads."""
-        workers = len(self._samplers) if self._pool and len(chains) > 1 else 1
+    def _sample_rows(self, samples: Sequence[_Live], rows: np.ndarray) -> list[int]:
+        """One token per (sample, row): each sample's chain on its row, split over the workers."""
+        workers = len(self._samplers) if self._pool and len(samples) > 1 else 1
 
         def work(w: int) -> list[int]:
-            return [self._samplers[w].sample(chains[j], rows[j], truncates)
-                    for j in range(w, len(chains), workers)]
+            return [self._samplers[w].sample(samples[j].chain, rows[j],
+                                             samples[j].job.settings.truncates)
+                    for j in range(w, len(samples), workers)]
 
         if workers == 1:
             return work(0)
@@ -542,7 +614,7 @@ class Engine:
             # those chains next, so let the workers finish first (else a use after free).
             wait(futures)
             raise
-        return [parts[j % workers][j // workers] for j in range(len(chains))]
+        return [parts[j % workers][j // workers] for j in range(len(samples))]
 
     def _sampler_chain(self, settings: SamplerSettings, seed: int | None):
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
@@ -565,6 +637,204 @@ class Engine:
             add(llama_cpp.llama_sampler_init_dist(
                 llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF))
         return chain
+
+
+class GenerateJob:
+    """One generate call: ``n`` samples of ``prompt``, each at most ``max_tokens`` (already cut
+    to the room the context has after the prompt). Sample i is seeded ``seed + i`` (None:
+    random); a sample stops at ``stop_tokens`` or the model's end-of-generation tokens.
+    ``logprobs``: record each token's log-probability and that many alternatives;
+    ``on_step(step)`` sees every token and may return False to end that sample there;
+    ``on_done(index, generation)`` sees each finished sample; setting ``cancel`` (an Event)
+    ends them all ("abort"). Callbacks run on the engine's thread: keep them short."""
+
+    def __init__(self, prompt, n, max_tokens, settings, seed, stop_tokens, logprobs, on_step,
+                 on_done, cancel):
+        self.prompt, self.n, self.max_tokens, self.settings = prompt, n, max_tokens, settings
+        self.seed, self.stop_tokens, self.logprobs = seed, stop_tokens, logprobs
+        self.on_step, self.on_done, self.cancel = on_step, on_done, cancel
+        self.results = [Generation() for _ in range(n)]
+        self.error: BaseException | None = None  # raised by a callback
+        self._next = 0  # samples from here on are not admitted yet
+        self._finished: set[int] = set()
+
+    @property
+    def waiting(self) -> bool:
+        return self._next < self.n
+
+    @property
+    def finished(self) -> bool:
+        return len(self._finished) == self.n
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def take_index(self) -> int:
+        self._next += 1
+        return self._next - 1
+
+    def seed_of(self, index: int) -> int | None:
+        return None if self.seed is None else self.seed + index
+
+    def is_finished(self, index: int) -> bool:
+        return index in self._finished
+
+    def finish(self, index: int, reason: str, stop_token: int | None = None) -> None:
+        result = self.results[index]
+        result.finish_reason, result.stop_token = reason, stop_token
+        self._finished.add(index)
+        if self.on_done:
+            self.call(self.on_done, index, result)
+
+    def abandon(self) -> None:
+        """Cancelled: every sample not finished yet ends now."""
+        self._next = self.n
+        for index in range(self.n):
+            if index not in self._finished:
+                self.finish(index, "abort")
+
+    def call(self, callback, *args) -> bool:
+        try:
+            return callback(*args) is not False
+        except Exception as e:  # the caller's bug must not take the engine down
+            self.error = self.error or e
+            return False
+
+
+@dataclass(eq=False)
+class _Live:
+    """A sample being generated: its sequence, sampler chain and next position."""
+
+    job: GenerateJob
+    index: int
+    seq: int | None
+    chain: object
+    pos: int
+    max_tokens: int
+    last: int = -1  # the token to decode next
+
+
+def _decode_start(path: Path, cached: Sequence[int]) -> tuple[int, bool]:
+    """Where ``path``'s decoding starts, and whether its first row is the cached prompt's row:
+    tokens shared with the cache are not decoded again, except from the first position
+    whose row is needed (only the cache's last row is kept)."""
+    shared = common_prefix(cached, path.tokens)
+    first_row = path.first - 1
+    if cached and shared == len(cached) and first_row == len(cached) - 1:
+        return len(cached), True
+    return min(shared, first_row), False
+
+
+def _reduce(row: np.ndarray, targets, top: int, final: bool) -> dict:
+    """What is kept of one logits row: the log-probabilities of ``targets``, their ranks and
+    the ``top`` best (id, logprob) when ``top``, the row itself when ``final``."""
+    lse = logsumexp(row)
+    kept: dict = {"lp": {t: float(row[t] - lse) for t in targets}}
+    if top:
+        best = np.argpartition(-row, top - 1)[:top]
+        best = best[np.argsort(-row[best], kind="stable")]
+        kept["top"] = tuple((int(t), float(row[t] - lse)) for t in best)
+        kept["rank"] = {t: int((row > row[t]).sum()) + 1 for t in targets}
+    if final:
+        kept["row"] = row.copy()
+    return kept
+
+
+def _step_logprobs(row: np.ndarray, token: int, k: int | None):
+    if k is None:
+        return None, None
+    lse = logsumexp(row)
+    top = ()
+    if k:
+        best = np.argpartition(-row, k - 1)[:k]
+        best = best[np.argsort(-row[best], kind="stable")]
+        top = tuple((int(t), float(row[t] - lse)) for t in best)
+    return float(row[token] - lse), top
+
+
+class _Trie:
+    """The tokens of one read decode. Paths that start decoding at the same position share
+    each token they have in common: it is decoded once, in every path's sequence. Tokens
+    are added path by path, so each sequence's positions come in order."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.positions: list[int] = []
+        self.seq_sets: list[set[int]] = []
+        self._targets: list[set[int]] = []
+        self._top: list[int] = []
+        self._final: list[bool] = []
+        self._index: dict = {}  # (parent node or ("root", start), token) -> node
+        self._nodes: dict[int, list[int]] = {}  # sequence -> its nodes, in position order
+        self.keep_start: int | None = None  # where sequence 0's new tokens start
+        self.keep_final: int | None = None  # the node whose row is the new prompt row
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def wants(self) -> list[bool]:
+        return [bool(t) or f for t, f in zip(self._targets, self._final)]
+
+    @staticmethod
+    def _last(path: Path) -> int:
+        return len(path.tokens) - (1 if path.final else 2)
+
+    def new_nodes(self, path: Path, start: int) -> int:
+        """How many tokens adding ``path`` would add."""
+        parent = ("root", start)
+        for pos in range(start, self._last(path) + 1):
+            node = self._index.get((parent, path.tokens[pos]))
+            if node is None:
+                return self._last(path) + 1 - pos
+            parent = node
+        return 0
+
+    def add(self, path: Path, seq: int, start: int) -> None:
+        tokens, parent, nodes = path.tokens, ("root", start), []
+        for pos in range(start, self._last(path) + 1):
+            key = (parent, tokens[pos])
+            node = self._index.get(key)
+            if node is None:
+                node = self._index[key] = len(self.tokens)
+                self.tokens.append(tokens[pos])
+                self.positions.append(pos)
+                self.seq_sets.append(set())
+                self._targets.append(set())
+                self._top.append(0)
+                self._final.append(False)
+            self.seq_sets[node].add(seq)
+            if path.first - 1 <= pos < len(tokens) - 1:
+                self._targets[node].add(tokens[pos + 1])
+                self._top[node] = max(self._top[node], path.top)
+            if path.final and pos == len(tokens) - 1:
+                self._final[node] = True
+            nodes.append(node)
+            parent = node
+        self._nodes[seq] = nodes
+        if seq == 0:
+            self.keep_start, self.keep_final = start, nodes[-1]
+
+    def reduce(self, node: int, row: np.ndarray) -> dict:
+        return _reduce(row, self._targets[node], self._top[node], self._final[node])
+
+    def result(self, path: Path, seq: int, start: int, rows: dict, first_row: dict | None):
+        """``path``'s answer from the reduced rows (``first_row``: the cached prompt's)."""
+        nodes, tokens = self._nodes[seq], path.tokens
+
+        def at(pos: int) -> dict:
+            return first_row if pos == start - 1 else rows[nodes[pos - start]]
+
+        positions = range(path.first - 1, len(tokens) - 1)
+        logprobs = np.array([at(p)["lp"][tokens[p + 1]] for p in positions], dtype=np.float64)
+        ranks = tops = None
+        if path.top:
+            ranks = [at(p)["rank"][tokens[p + 1]] for p in positions]
+            tops = [at(p)["top"] for p in positions]
+        row = at(len(tokens) - 1)["row"] if path.final else None
+        return PathResult(logprobs, ranks, tops, row)
 
 
 class _CandidateBuffer:

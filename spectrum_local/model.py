@@ -7,8 +7,9 @@ import functools
 import math
 import numbers
 import os
+import threading
 import warnings
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -35,16 +36,18 @@ def load(model: str | os.PathLike | None = None, *, format: str | None = None,
     source = locate(model)
     engine = Engine(source.path, ctx=ctx, gpu_layers=gpu_layers, threads=threads, batch=batch)
     fmt = formats.get_format(format) if format else formats.detect(engine.metadata)
-    return SpectrumModel(engine, fmt, notice=source.notice)
+    return SpectrumModel(engine, fmt, notice=source.notice, format_overridden=bool(format))
 
 
 class SpectrumModel:
-    def __init__(self, engine: Engine, fmt: formats.Format, notice: str | None = None):
+    def __init__(self, engine: Engine, fmt: formats.Format, notice: str | None = None,
+                 format_overridden: bool = False):
         self.engine = engine
         self.path = engine.path
         self.format = fmt.name
         self.notice = notice
         self._fmt = fmt
+        self._format_overridden = format_overridden
         self._control_ids = {}
         for marker in fmt.control_tokens:
             token = engine.control_token(marker)
@@ -62,6 +65,42 @@ class SpectrumModel:
 
     def close(self) -> None:
         self.engine.close()
+
+    def using(self, backend) -> "SpectrumModel":
+        """The same model over another backend (a ``Scheduler`` of this model's engine)."""
+        return SpectrumModel(backend, self._fmt, self.notice, self._format_overridden)
+
+    def info(self) -> dict:
+        """What the model file is, what llama.cpp was built with, and the prompt format."""
+        from .engine import supports_gpu_offload, system_info
+
+        engine, meta = self.engine, self.engine.metadata
+        fmt = self._fmt
+        example = [formats.Message("description", "D"), formats.Message("input", "I"),
+                   formats.Message("output", "O")]
+        return {
+            "model": self.path,
+            "name": meta.get("general.name"),
+            "architecture": meta.get("general.architecture"),
+            "description": engine.description(),
+            "file_size": os.path.getsize(self.path),
+            "parameters": engine.n_params(),
+            "format": self.format,
+            "format_from": "--format" if self._format_overridden else
+                           ("spectrum.format" if "spectrum.format" in meta else "architecture"),
+            "context_trained": engine.n_ctx_train,
+            "context": engine.n_ctx,
+            "chat_template": "tokenizer.chat_template" in meta,
+            "gpu_offload": supports_gpu_offload(),
+            "backend": system_info(),
+            "prompt_format": {
+                "roles": list(formats.ROLES),
+                "end_of_output": fmt.end_of_output,
+                "generation_prompt": fmt.text(fmt.render([])[1 if fmt.bos else 0:]),
+                "example": fmt.text(fmt.render(example)),
+                "chat_template": fmt.chat_template,
+            },
+        }
 
     # -- tokens -------------------------------------------------------------------------------
 
@@ -84,9 +123,12 @@ class SpectrumModel:
 
     def sample(self, messages: Messages, n: int = 1, *, max_tokens: int = 256,
                seed: int | None = None, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0) -> list[Sample]:
+               top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
+               on_sample: Callable[[int, Sample], None] | None = None,
+               cancel: threading.Event | None = None) -> list[Sample]:
         """``n`` i.i.d. outputs. The defaults (temperature 1, no truncation) draw from exactly
-        the distribution the model was trained to match."""
+        the distribution the model was trained to match. ``on_sample(index, sample)`` sees each
+        sample as it finishes (for streaming); setting ``cancel`` stops the rest ("abort")."""
         check_int("n", n, 1, MAX_SAMPLES)
         # Larger than the room left in the context is cut there by the engine.
         check_int("max_tokens", max_tokens, 1)
@@ -103,10 +145,12 @@ class SpectrumModel:
         settings = SamplerSettings(temperature, min(top_k, self.engine.n_vocab), top_p, min_p,
                                    repeat_penalty)
         prompt_tokens = self.prompt_tokens(messages)
-        runs = self.engine.sample(prompt_tokens, n, max_tokens, settings, seed,
-                                  stop_tokens={self.end_of_output_id})
-        return [Sample(self.engine.detokenize(tokens), len(tokens), reason)
-                for tokens, reason in runs]
+        as_sample = lambda g: Sample(self.engine.detokenize(g.tokens), len(g.tokens),  # noqa: E731
+                                     g.finish_reason)
+        on_done = None if on_sample is None else lambda i, g: on_sample(i, as_sample(g))
+        runs = self.engine.generate(prompt_tokens, n, max_tokens, settings, seed,
+                                    {self.end_of_output_id}, on_done=on_done, cancel=cancel)
+        return [as_sample(g) for g in runs]
 
     def top(self, messages: Messages, k: int = 10, *, prefix: str = "") -> list[TokenProb]:
         """The ``k`` most likely next tokens at the first output position (or after ``prefix``,

@@ -16,9 +16,22 @@ from spectrum_local.engine import cpu_has_amx, cpu_name, use_extra_buffer_types
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_checkpoints  # noqa: E402
+from naive import naive_llama, naive_score  # noqa: E402
 
 DICE = [{"role": "description",
          "content": "Roll two six-sided dice. What is the sum of their values?"}]
+
+FEW_SHOT = [
+    {"role": "description", "content": "A random fruit."},
+    {"role": "output", "content": "apple"},
+    {"role": "output", "content": "mango"},
+    {"role": "input", "content": "something red"},
+    {"role": "output", "content": "cherry"},
+]
+PROMPTS = {
+    "dice": (DICE, [str(n) for n in range(2, 13)]),
+    "few-shot": (FEW_SHOT, ["banana", "kiwi", "dragon fruit", " apple", "\n\nfig"]),
+}
 
 
 def pytest_report_header(config):
@@ -69,3 +82,19 @@ def f32_models(f32):
     yield models
     for m in models.values():
         m.close()
+
+
+@pytest.fixture(scope="session")
+def layout_noise(model):
+    """How far the quantized model's numbers move with the batch layout alone, measured now on
+    this CPU: the naive path's candidate scores with the whole sequence in one llama_decode vs
+    one token per llama_decode (a matrix-vector kernel instead of a matrix-matrix one)."""
+    one_at_a_time = naive_llama(model.path, n_batch=1)
+    whole = naive_llama(model.path)
+    try:
+        return max(abs(naive_score(model, whole, messages, c) - naive_score(model, one_at_a_time,
+                                                                            messages, c))
+                   for messages, candidates in PROMPTS.values() for c in candidates)
+    finally:
+        one_at_a_time.close()
+        whole.close()

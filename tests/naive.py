@@ -10,7 +10,8 @@ from typing import Sequence
 import llama_cpp
 import numpy as np
 
-from spectrum_local.engine import use_extra_buffer_types
+from spectrum_local.engine import common_prefix, use_extra_buffer_types
+from spectrum_local.formats import get_format, parse_messages
 
 
 @contextlib.contextmanager
@@ -50,3 +51,21 @@ def sequence_logprob(llm: llama_cpp.Llama, context: Sequence[int], tokens: Seque
     rows -= rows.max(axis=1, keepdims=True)
     logprobs = rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
     return float(sum(logprobs[i, t] for i, t in enumerate(tokens)))
+
+
+def prompt_and_full_tokens(model, messages, candidate) -> tuple[list[int], list[int]]:
+    """The prompt's tokens, and those of the prompt with the candidate as a closed output turn."""
+    fmt, parsed = get_format(model.format), parse_messages(messages)
+    return (model.tokenize(fmt.render(parsed)),
+            model.tokenize(fmt.render(parsed, candidate=candidate)))
+
+
+def naive_score(model, naive, messages, candidate):
+    """log P(candidate + end-of-output | prompt) from a full evaluation per candidate, with the
+    prompt and candidate rendered as one string and split where their tokens first differ."""
+    prompt, full = prompt_and_full_tokens(model, messages, candidate)
+    start = common_prefix(prompt, full)
+    logprob = sequence_logprob(naive, full[:start], full[start:])
+    if start < len(prompt):
+        logprob -= sequence_logprob(naive, prompt[:start], prompt[start:])
+    return logprob

@@ -15,32 +15,19 @@ import math
 
 import numpy as np
 import pytest
-from conftest import DICE
-from naive import naive_llama, sequence_logprob
+from conftest import DICE, FEW_SHOT, PROMPTS
+from naive import naive_llama, naive_score, prompt_and_full_tokens, sequence_logprob
 
 import spectrum_local
 from spectrum_local import InputError
 from spectrum_local.engine import SamplerSettings, common_prefix
-from spectrum_local.formats import GEMMA3, get_format, parse_messages
+from spectrum_local.formats import GEMMA3, parse_messages
 
 FAMILIES = ("gemma3", "llama3", "qwen3")
 # F32 engine vs F32 naive path, per candidate: measured 1.5e-5 nats (gemma3, whose GELU is an
 # f16 table) and 5e-7 (llama3, qwen3) on an AMD EPYC with extra buffer types on and off; a wrong
 # token, position, sequence or a missing end token costs whole nats on these models.
 EXACT = 1e-3
-
-FEW_SHOT = [
-    {"role": "description", "content": "A random fruit."},
-    {"role": "output", "content": "apple"},
-    {"role": "output", "content": "mango"},
-    {"role": "input", "content": "something red"},
-    {"role": "output", "content": "cherry"},
-]
-PROMPTS = {
-    "dice": (DICE, [str(n) for n in range(2, 13)]),
-    "few-shot": (FEW_SHOT, ["banana", "kiwi", "dragon fruit", " apple", "\n\nfig"]),
-}
-
 
 @pytest.fixture(scope="module")
 def naive_f32(f32):
@@ -51,24 +38,6 @@ def naive_f32(f32):
 @pytest.fixture(scope="module")
 def naive(model):
     return naive_llama(model.path)
-
-
-def prompt_and_full_tokens(model, messages, candidate) -> tuple[list[int], list[int]]:
-    """The prompt's tokens, and those of the prompt with the candidate as a closed output turn."""
-    fmt, parsed = get_format(model.format), parse_messages(messages)
-    return (model.tokenize(fmt.render(parsed)),
-            model.tokenize(fmt.render(parsed, candidate=candidate)))
-
-
-def naive_score(model, naive, messages, candidate):
-    """log P(candidate + end-of-output | prompt) from a full evaluation per candidate, with the
-    prompt and candidate rendered as one string and split where their tokens first differ."""
-    prompt, full = prompt_and_full_tokens(model, messages, candidate)
-    start = common_prefix(prompt, full)
-    logprob = sequence_logprob(naive, full[:start], full[start:])
-    if start < len(prompt):
-        logprob -= sequence_logprob(naive, prompt[:start], prompt[start:])
-    return logprob
 
 
 def merges_into_prompt(model, messages, candidate) -> bool:
@@ -153,7 +122,7 @@ def test_truncating_samplers_use_llama_cpp_chain(f32_models, family):
     top1 = model.sample(FEW_SHOT, n=4, max_tokens=8, top_k=1, seed=3)
     assert all(s == greedy for s in top1)
     prompt = model.prompt_tokens(FEW_SHOT)
-    first = model.engine.sample(prompt, 1, 1, SamplerSettings(temperature=0), None, set())[0][0]
+    first = model.engine.generate(prompt, 1, 1, SamplerSettings(temperature=0), None, set())[0].tokens
     assert first == [model.top(FEW_SHOT, k=1)[0].id]
     nucleus = model.sample(FEW_SHOT, n=4, max_tokens=8, top_p=0.5, min_p=0.05, seed=3)
     assert all(s.n_tokens > 0 for s in nucleus)
@@ -166,9 +135,10 @@ def test_each_sampled_token_comes_from_its_own_sequence(f32_models, family):
     (a row taken from another sequence or position would fail this)."""
     model = f32_models[family]
     prompt = model.prompt_tokens(FEW_SHOT)
-    runs = model.engine.sample(prompt, 6, 10, SamplerSettings(top_k=5), seed=11, stop_tokens=set())
-    assert len({tuple(tokens) for tokens, _ in runs}) > 1
-    for tokens, _ in runs:
+    runs = [g.tokens for g in model.engine.generate(prompt, 6, 10, SamplerSettings(top_k=5),
+                                                     seed=11, stop_tokens=set())]
+    assert len({tuple(tokens) for tokens in runs}) > 1
+    for tokens in runs:
         for i, token in enumerate(tokens):
             logits = model.engine.prompt_logits(prompt + tokens[:i])
             assert token in np.argsort(-logits)[:5]
@@ -186,22 +156,6 @@ def test_samples_that_outgrow_the_context_run_in_groups(f32):
 
 
 # --- properties, on the quantized default model ------------------------------------------------
-
-@pytest.fixture(scope="module")
-def layout_noise(model):
-    """How far the quantized model's numbers move with the batch layout alone, measured now on
-    this CPU: the naive path's candidate scores with the whole sequence in one llama_decode vs
-    one token per llama_decode (a matrix-vector kernel instead of a matrix-matrix one)."""
-    one_at_a_time = naive_llama(model.path, n_batch=1)
-    whole = naive_llama(model.path)
-    try:
-        return max(abs(naive_score(model, whole, messages, c) - naive_score(model, one_at_a_time,
-                                                                            messages, c))
-                   for messages, candidates in PROMPTS.values() for c in candidates)
-    finally:
-        one_at_a_time.close()
-        whole.close()
-
 
 def test_score_agrees_with_naive_within_the_layout_noise(model, naive, layout_noise):
     # The engine's batch layout is a third one; layout noise is not additive across candidates, so
@@ -257,7 +211,7 @@ def test_top_is_the_prompt_rows_softmax(model, naive):
     assert probs == sorted(probs, reverse=True) and sum(probs) <= 1
     # The same row the sampler draws from: a greedy first token is top's first token.
     prompt = model.prompt_tokens(DICE)
-    first = model.engine.sample(prompt, 1, 1, SamplerSettings(temperature=0), None, set())[0][0]
+    first = model.engine.generate(prompt, 1, 1, SamplerSettings(temperature=0), None, set())[0].tokens
     assert first == [tokens[0].id]
     assert tokens[0].token == model.engine.token_text(tokens[0].id)
 

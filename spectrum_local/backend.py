@@ -1,0 +1,98 @@
+"""What the operations need from a backend, written once: ``read`` (log-probabilities along
+token paths, the prefix cache) and ``generate`` (samples), plus tokens. ``Engine`` implements it
+on llama.cpp; ``Scheduler`` on an engine shared by many concurrent callers. The derived reads
+(a prompt's next-token logits, candidate continuations, vLLM's prompt log-probs) live here, so
+both backends answer them the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+class Busy(Exception):
+    """Live samples hold the room a read needs; it can run after they advance."""
+
+
+@dataclass(frozen=True)
+class Path:
+    """A token sequence to read along: the log-probability of each of ``tokens[first:]`` given
+    the tokens before it, with the ``top`` most likely alternatives and the rank of each token
+    when ``top`` > 0, and the whole next-token logits row after the last token if ``final``."""
+
+    tokens: Sequence[int]
+    first: int
+    top: int = 0
+    final: bool = False
+
+    @property
+    def wants_nothing(self) -> bool:
+        return self.first >= len(self.tokens) and not self.final
+
+
+@dataclass(frozen=True)
+class PathResult:
+    logprobs: np.ndarray  # of tokens[first:]
+    ranks: list[int] | None = None  # with top: 1 + how many tokens were more likely
+    tops: list[tuple[tuple[int, float], ...]] | None = None  # with top: (id, logprob), best first
+    row: np.ndarray | None = None  # with final: the logits after the last token
+
+
+@dataclass(frozen=True)
+class PositionLogprobs:
+    token: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token of one of a job's samples."""
+
+    index: int  # which sample
+    token: int
+    logprob: float | None  # with logprobs: log-softmax of the raw logits (before temperature
+    top: tuple[tuple[int, float], ...] | None  # or truncation), and the best (id, logprob)
+
+
+@dataclass
+class Generation:
+    tokens: list[int] = field(default_factory=list)  # without the stop token
+    finish_reason: str = "length"  # "stop", "length", or "abort" (cancelled)
+    stop_token: int | None = None  # the stop token that ended it
+    steps: list[Step] = field(default_factory=list)  # one per token
+    stop_step: Step | None = None  # the stop token's step (vLLM counts it in logprobs)
+
+
+class Backend:
+    """The reads every backend derives from its ``read(paths, keep)``."""
+
+    def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None) -> list[PathResult]:
+        """What each path asks for (see ``Path``); afterwards the prefix cache holds ``keep``."""
+        raise NotImplementedError
+
+    def prompt_logits(self, prompt: Sequence[int]) -> np.ndarray:
+        """Next-token logits after ``prompt``."""
+        return self.read([Path(prompt, len(prompt), final=True)], keep=prompt)[0].row
+
+    def continuation_logprobs(self, prompt: Sequence[int],
+                              continuations: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
+        """For each ``(start, tokens)``, the log-probability of each of ``tokens`` placed at
+        positions start.. after ``prompt[:start]``. ``start`` is normally ``len(prompt)``; it is
+        smaller when a tokenizer merges the continuation into the prompt's last text."""
+        paths = [Path([*prompt[:start], *tokens], start) for start, tokens in continuations]
+        return [r.logprobs for r in self.read(paths, keep=prompt)]
+
+    def prompt_logprobs(self, tokens: Sequence[int], top: int = 0) -> list[PositionLogprobs]:
+        """Log-probability, rank and the ``top`` most likely alternatives at positions 1.. of
+        ``tokens`` (vLLM's prompt_logprobs)."""
+        if len(tokens) < 2:
+            return []
+        result = self.read([Path(tokens, 1, top=top)], keep=tokens)[0]
+        return [PositionLogprobs(int(t), float(lp), rank, alternatives)
+                for t, lp, rank, alternatives
+                in zip(tokens[1:], result.logprobs, result.ranks or [0] * len(result.logprobs),
+                       result.tops or [()] * len(result.logprobs))]

@@ -1,0 +1,31 @@
+"""``spectrum-local serve``: one loaded model behind HTTP for desktop tools and other clients.
+
+- ``app.py``     the ASGI app: native routes (one per operation), auth, limits, errors, the page
+- ``schemas.py`` the request bodies of the native routes (typed, unknown fields rejected)
+- ``openai.py``  the OpenAI/vLLM-compatible routes (/v1/completions, /v1/models, /tokenize, ...)
+- ``static/``    the web page at ``/`` (self-contained: no CDN)
+
+Routes are thin: they validate, then call the Python API (``SpectrumModel``) in a worker thread.
+The model's backend is a ``Scheduler``, which merges concurrent requests into shared decodes.
+"""
+
+from __future__ import annotations
+
+
+def serve(model, *, host: str, port: int, api_key: str | None, cors_origins: tuple[str, ...],
+          grace: float) -> None:
+    """Serve ``model`` until Ctrl-C or SIGTERM; then stop accepting, give requests in flight
+    ``grace`` seconds, and return."""
+    import uvicorn
+
+    from ..scheduler import Scheduler
+    from .app import create_app
+
+    with Scheduler(model.engine) as scheduler:
+        app = create_app(model.using(scheduler), api_key=api_key, cors_origins=cors_origins)
+        config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace,
+                                log_level="info", access_log=False)
+        try:
+            uvicorn.Server(config).run()
+        except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down for: done
+            pass
