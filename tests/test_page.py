@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import DICE  # noqa: E402
 from servers import running_server  # noqa: E402
 
 from spectrum_local.display import percent  # noqa: E402
@@ -33,8 +34,6 @@ CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-br
 if CHROMIUM is None:
     pytest.skip("no chromium browser found (apt-get install chromium)", allow_module_level=True)
 
-DICE = [{"role": "description",
-         "content": "Roll two six-sided dice. What is the sum of their values?"}]
 SERVER_ARGS = ["--ctx", "2048"]
 TIMEOUT_MS = 60_000
 

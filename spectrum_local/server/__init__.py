@@ -11,6 +11,8 @@ The model's backend is a ``Scheduler``, which merges concurrent requests into sh
 
 from __future__ import annotations
 
+import sys
+
 
 def serve(model, *, host: str, port: int, api_key: str | None, cors_origins: tuple[str, ...],
           grace: float) -> None:
@@ -21,6 +23,9 @@ def serve(model, *, host: str, port: int, api_key: str | None, cors_origins: tup
     from ..scheduler import Scheduler
     from .app import create_app
 
+    shown = f"[{host}]" if ":" in host else host
+    print(f"spectrum-local: serving {model.path} ({model.format} format) at http://{shown}:{port}/ "
+          "(the page; API docs at /docs)", file=sys.stderr, flush=True)
     with Scheduler(model.engine) as scheduler:
         app = create_app(model.using(scheduler), api_key=api_key, cors_origins=cors_origins)
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace,
