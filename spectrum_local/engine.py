@@ -1,13 +1,15 @@
 """The llama.cpp batch engine: the only module that touches llama-cpp-python's low-level API.
 
 One model, one context, many sequences in a unified KV cache:
-- sequence 0 always holds the most recent prompt (``cached_tokens``); a new prompt that shares a
-  prefix with it only evaluates the new part;
-- continuations (score candidates, samples) are sequences 1..n that share the prompt's cells
-  (``llama_memory_seq_cp`` for a cached prompt; for new prompt tokens, by belonging to every
-  sequence in the same batch) and are removed when the call ends;
-- all continuations advance together, one ``llama_decode`` per batch, with logits asked only
-  where they are needed.
+- sequence 0 always holds the most recent prompt (``cached_tokens``) and its last logits row;
+  a new prompt that shares a prefix with it only evaluates the new part;
+- ``read`` answers paths (token sequences to read log-probabilities along: score candidates,
+  several requests' prompts, vLLM's prompt log-probs) in one ``llama_decode`` per batch: paths
+  are merged into a trie, so a token two paths share is evaluated once and belongs to both
+  their sequences, and logits are asked only where a probability is read;
+- ``generate`` decodes samples side by side, one sequence each, one ``llama_decode`` per step
+  for every live sample; ``advance`` lets samples of other jobs join at any step (the
+  scheduler's cross-request batching). Sequences are returned when their call or sample ends.
 """
 
 from __future__ import annotations
@@ -395,7 +397,6 @@ class Engine(Backend):
         with self._lock, self._consistent():
             return self._read(paths, keep)[0]
 
-
     @contextlib.contextmanager
     def _consistent(self):
         # A failed or interrupted decode leaves the cache in an unknown state: drop it.
@@ -446,17 +447,16 @@ class Engine(Backend):
             seq = self._free_seqs[len(placed)]
             placed.append((i, seq, start, from_row0))
             plan.add(paths[i], seq, start)
-        if todo and not placed:
+        if plan.size > budget or (todo and not placed):
             if self._live:
-                raise Busy  # live samples hold the room this path needs: try after a step
+                raise Busy  # live samples hold the room this needs: try after a step
             if cached:  # the cached prompt takes the room: drop it and plan again
                 self.clear()
                 return self._read_group(paths, todo, keep, results)
-            raise InputError(f"a {len(paths[todo[0]].tokens)}-token sequence does not fit the "
-                             f"context ({self.n_ctx} tokens) with what it is read with; raise --ctx")
-        if plan.size > budget:
-            raise Busy if self._live else InputError(
-                f"the prompt ({len(keep)} tokens) does not fit the context; raise --ctx")
+            if plan.size > budget or plan.keep_start is None:  # _check_fits makes this rare
+                raise InputError(f"the sequences to read do not fit the context "
+                                 f"({self.n_ctx} tokens); raise --ctx")
+            # The new prompt alone now; the paths follow in the next group, with it cached.
         del self._free_seqs[:len(placed)]
         try:
             for i, seq, start, _ in placed:

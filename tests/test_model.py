@@ -20,6 +20,7 @@ from naive import naive_llama, naive_score, prompt_and_full_tokens, sequence_log
 
 import spectrum_local
 from spectrum_local import InputError
+from spectrum_local.backend import Path
 from spectrum_local.engine import SamplerSettings, common_prefix
 from spectrum_local.formats import GEMMA3, parse_messages
 
@@ -151,6 +152,51 @@ def test_samples_that_outgrow_the_context_run_in_groups(f32):
         samples = small.sample(FEW_SHOT, n=10, max_tokens=50, top_k=1, seed=4)
         assert len(samples) == 10 and len(set(samples)) == 1
         assert samples[0].n_tokens * 10 > 256 - len(small.prompt_tokens(FEW_SHOT))
+    finally:
+        small.close()
+
+
+def test_one_read_of_many_prompts_equals_separate_reads(f32_models):
+    """What the scheduler does with concurrent requests: the paths of several prompts (score
+    candidates, a next-token row, prompt log-probs) in one engine.read, sharing what they have
+    in common, give each the numbers it gets alone."""
+    model = f32_models["qwen3"]
+    engine = model.engine
+    prompts = [model.prompt_tokens(FEW_SHOT + [{"role": "input", "content": word}])
+               for word in ("red", "green", "a long and winding input")]
+    candidate = engine.tokenize("kiwi") + [model.end_of_output_id]
+    paths = [Path([*p, *candidate], len(p)) for p in prompts]
+    paths += [Path(prompts[0], len(prompts[0]), final=True), Path(prompts[1], 1, top=3)]
+    engine.clear()
+    merged = engine.read(paths, keep=prompts[2])
+    assert engine.cached_tokens == prompts[2]
+    for path, together in zip(paths, merged):
+        engine.clear()
+        alone = engine.read([path])[0]
+        assert np.allclose(together.logprobs, alone.logprobs, atol=EXACT, rtol=0)
+        assert together.ranks == alone.ranks
+        if path.final:
+            assert np.allclose(together.row, alone.row, atol=EXACT, rtol=0)
+    assert merged[4].ranks and all(r >= 1 for r in merged[4].ranks)
+
+
+def test_a_new_prompt_replaces_a_long_unrelated_cached_one(f32):
+    # Two prompts of 150 tokens do not fit a 256-token context together: the cached one must
+    # make room rather than the call fail.
+    small = spectrum_local.load(str(f32["llama3"]), ctx=256)
+    try:
+        first = [{"role": "description", "content": "apples " * 130}]
+        second = [{"role": "description", "content": "pears " * 70}]
+        assert 256 > len(small.prompt_tokens(second)) > 128
+        small.top(first, k=3)
+        cold = spectrum_local.load(str(f32["llama3"]), ctx=256)
+        try:
+            assert small.sample(second, max_tokens=4, seed=1) == \
+                cold.sample(second, max_tokens=4, seed=1)
+            small.top(first, k=3)
+            assert small.top(second, k=3) == cold.top(second, k=3)
+        finally:
+            cold.close()
     finally:
         small.close()
 
