@@ -42,8 +42,13 @@ test: $(VENV)/.test-installed
 	SPECTRUM_LOCAL_EXTRA_BUFTS=0 $(BIN)/python -m pytest
 	SPECTRUM_LOCAL_EXTRA_BUFTS=1 $(BIN)/python -m pytest -m "not http"
 
-bench: $(VENV)/.test-installed
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.test-installed
+	$(BIN)/python -m pip install -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench_serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

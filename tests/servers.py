@@ -21,28 +21,37 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(args: list[str] = (), *, api_key: str | None = None, timeout: float = 180):
-    """Yield the base URL of a server started with ``args``; SIGTERM it afterwards."""
+    """Yield the base URL of ``spectrum-local serve`` started with ``args``; SIGTERM it after."""
     port = free_port()
     env = dict(os.environ)
     env.pop("SPECTRUM_LOCAL_API_KEY", None)
     if api_key:
         env["SPECTRUM_LOCAL_API_KEY"] = api_key
-    proc = subprocess.Popen([sys.executable, "-m", "spectrum_local", "serve", "--port", str(port),
-                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    command = [sys.executable, "-m", "spectrum_local", "serve", "--port", str(port), *args]
+    with running(command, port, "/health", env=env, timeout=timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running(command: list[str], port: int, health: str, *, env=None, timeout: float = 180):
+    """Run a server ``command`` listening on loopback ``port``; yield its URL once ``health``
+    answers 200; SIGTERM it afterwards."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+                raise RuntimeError(f"{command[2:4]} exited with {proc.returncode}:\n"
+                                   f"{proc.stdout.read()}")
             try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                if httpx.get(url + health, timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("serve did not answer /health in time")
+                raise RuntimeError(f"{command[2:4]} did not answer {health} in time")
             time.sleep(0.2)
         yield url
     finally:

@@ -124,6 +124,16 @@ def test_quantized_score_over_http_is_within_the_layout_noise(model, layout_nois
         for messages, candidates in PROMPTS.values():
             got = post(url, "/spectrum/v1/score", {"messages": messages, "candidates": candidates})
             assert_same_score(got.json(), model.score(messages, candidates), bound)
+        # vLLM's prompt_logprobs of prompt + candidate + end-of-output, summed over the
+        # candidate's tokens, is the score (one sequence instead of a trie: another layout).
+        prompt = model.prompt_tokens(DICE)
+        for c in model.score(DICE, ["2", "7", "12"]).candidates:
+            tokens = prompt + model.engine.tokenize(c.text) + [model.end_of_output_id]
+            body = {"prompt": tokens, "max_tokens": 1, "prompt_logprobs": 0}
+            positions = post(url, "/v1/completions", body).json()["choices"][0]["prompt_logprobs"]
+            summed = sum(positions[i][str(tokens[i])]["logprob"]
+                         for i in range(len(prompt), len(tokens)))
+            assert summed == pytest.approx(c.logprob, abs=bound)
 
 
 # --- many clients at once ---------------------------------------------------------------------
