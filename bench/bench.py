@@ -107,7 +107,8 @@ def main() -> None:
         for step in range(new_tokens):
             engine._decode([board_prompt[-1]] * n, [len(board_prompt) + step] * n,
                            [(seq,) for seq in range(1, n + 1)], [True] * n)
-        engine.prompt_logits(board_prompt)  # drops the scratch sequences
+        for seq in range(1, n + 1):  # drop the scratch sequences
+            llama_cpp.llama_memory_seq_rm(engine._memory, seq, -1, -1)
 
     model.sample(BOARD_GAMES, n=1, max_tokens=1)  # warm the prompt cache
     t_ours, t_naive, t_raw = medians(ours_sample, naive_sample, raw_steps)
