@@ -126,8 +126,8 @@ model_options = _options(
     click.option("--ctx", "ctx_size", type=click.IntRange(min=MIN_CTX),
                  help="Context size in tokens: prompt plus what is scored or sampled. "
                       "Default: 4096, or the model's trained length if smaller."),
-    click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
 )
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 
 
 def _messages(ctx: click.Context, description, input, output, messages_file) -> list[dict]:
@@ -212,6 +212,7 @@ def cli():
               help="A file with one candidate per line, kept exactly (repeatable).")
 @batch_options
 @model_options
+@json_option
 @click.pass_context
 def score(ctx, description, input, output, messages_file, candidate_specs_, candidates_file,
           batch_in, batch_out, resume, strict, model, format_name, gpu_layers, threads, ctx_size,
@@ -259,6 +260,7 @@ def score(ctx, description, input, output, messages_file, candidate_specs_, cand
               show_default=True, help="Penalise repeated tokens (1: off).")
 @batch_options
 @model_options
+@json_option
 @click.pass_context
 def sample(ctx, description, input, output, messages_file, n, max_tokens, seed, temperature,
            top_k, top_p, min_p, repeat_penalty, batch_in, batch_out, resume, strict, model,
@@ -291,6 +293,7 @@ def sample(ctx, description, input, output, messages_file, n, max_tokens, seed, 
 @click.option("--prefix", default="", help="Output text already written; show what follows it.")
 @batch_options
 @model_options
+@json_option
 @click.pass_context
 def top(ctx, description, input, output, messages_file, k, prefix, batch_in, batch_out, resume,
         strict, model, format_name, gpu_layers, threads, ctx_size, as_json):
@@ -310,6 +313,7 @@ def top(ctx, description, input, output, messages_file, k, prefix, batch_in, bat
 
 @cli.command()
 @model_options
+@json_option
 def info(model, format_name, gpu_layers, threads, ctx_size, as_json):
     """What a model file is, and what llama.cpp was built with."""
     details = _load(model, format_name, gpu_layers, threads, ctx_size).info()
@@ -347,8 +351,8 @@ Examples:
                    "app's origin). Default: no cross-origin access.")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish.")
-def serve(model, format_name, gpu_layers, threads, ctx_size, as_json, host, port, api_key,
-          cors_origin, grace):
+def serve(model, format_name, gpu_layers, threads, ctx_size, host, port, api_key, cors_origin,
+          grace):
     """Keep one model loaded and answer HTTP: the native API, an OpenAI-compatible
     /v1/completions, and a web page at / that charts scores, top tokens and samples.
 
@@ -361,8 +365,6 @@ def serve(model, format_name, gpu_layers, threads, ctx_size, as_json, host, port
     except ImportError as e:
         raise SpectrumError(f"serve needs its extra: pip install 'spectrum-local[serve]' ({e})") \
             from None
-    if as_json:
-        raise click.UsageError("--json does not apply to serve (every response is JSON)")
     if not _is_loopback(host) and not api_key:
         click.echo(f"warning: binding {host} without --api-key: anyone who can reach this "
                    "machine can use the model", err=True)
