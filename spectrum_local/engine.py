@@ -510,10 +510,11 @@ class Engine(Backend):
     def advance(self, jobs: Sequence[GenerateJob]) -> None:
         """Admit the waiting samples of ``jobs`` that fit, then one decode step for every live
         sample (of these and earlier jobs)."""
-        for job in jobs:
-            self._admit(job)
-        if self._live:
-            self._step()
+        with self._lock, self._consistent():
+            for job in jobs:
+                self._admit(job)
+            if self._live:
+                self._step()
 
     def _admit(self, job: GenerateJob) -> None:
         if job.cancelled:
