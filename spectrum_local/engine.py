@@ -218,7 +218,7 @@ class Engine(Backend):
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
             for live in self._live:
-                llama_cpp.llama_sampler_free(live.chain)
+                live.free_chain()
             self._live = []
             self._ctx = self._model = None
             if self._pool:
@@ -236,7 +236,7 @@ class Engine(Backend):
             for live in self._live:
                 if not live.job.is_finished(live.index):
                     live.job.finish(live.index, "abort")
-                llama_cpp.llama_sampler_free(live.chain)
+                live.free_chain()
             self._live = []
             self._free_seqs = list(range(1, self.max_sequences))
 
@@ -384,7 +384,7 @@ class Engine(Backend):
         """KV cells the live samples may fill: each one's prompt once, and every sample's
         max_tokens (an upper bound: prompts shared with the cache are counted anyway)."""
         prompts = {id(s.job): len(s.job.prompt) for s in self._live}
-        return sum(prompts.values()) + sum(s.max_tokens for s in self._live)
+        return sum(prompts.values()) + sum(s.job.max_tokens for s in self._live)
 
     def _prefill(self, prompt: Sequence[int]) -> np.ndarray:
         """Make sequence 0 hold ``prompt``, evaluating only what the cache lacks; return the
@@ -523,18 +523,17 @@ class Engine(Backend):
         indices = []
         while job.waiting and len(indices) < len(self._free_seqs):
             need = job.max_tokens * (len(indices) + 1) + len(job.prompt)
-            if self._live and self._reserved_cells() + need + len(self.cached_tokens) > self.n_ctx:
+            if self._live:
+                need += self._reserved_cells() + len(self.cached_tokens)
+            # Alone, the first sample always fits (max_tokens was cut to the room).
+            if need > self.n_ctx and (indices or self._live):
                 break
-            if not self._live and need > self.n_ctx:
-                if indices:  # the first sample alone always fits (max_tokens is cut to the room)
-                    break
             indices.append(job.take_index())
         if not indices:
             return
         row = self._prefill(job.prompt)
         chains = [self._sampler_chain(job.settings, job.seed_of(i)) for i in indices]
-        fresh = [_Live(job, i, None, chain, len(job.prompt), job.max_tokens) for i, chain in
-                 zip(indices, chains)]
+        fresh = [_Live(job, i, None, chain, len(job.prompt)) for i, chain in zip(indices, chains)]
         tokens = self._sample_rows(fresh, np.broadcast_to(row, (len(fresh), self.n_vocab)))
         for live, token in zip(fresh, tokens):
             if self._accept(live, token, row):
@@ -575,17 +574,14 @@ class Engine(Backend):
             elif len(result.tokens) >= job.max_tokens:
                 job.finish(live.index, "length")
         if job.is_finished(live.index):
-            llama_cpp.llama_sampler_free(live.chain)
-            live.chain = None
+            live.free_chain()
             return False
         return True
 
     def _drop_if_done(self, live: _Live) -> bool:
         if not live.job.is_finished(live.index):
             return False
-        if live.chain is not None:
-            llama_cpp.llama_sampler_free(live.chain)
-            live.chain = None
+        live.free_chain()
         if live.seq is not None:
             self._release_seq(live.seq)
             live.seq = None
@@ -710,10 +706,14 @@ class _Live:
     job: GenerateJob
     index: int
     seq: int | None
-    chain: object
+    chain: object  # freed (None) once the sample is finished
     pos: int
-    max_tokens: int
     last: int = -1  # the token to decode next
+
+    def free_chain(self) -> None:
+        if self.chain is not None:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
 
 
 def _decode_start(path: Path, cached: Sequence[int]) -> tuple[int, bool]:
