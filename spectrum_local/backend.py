@@ -19,12 +19,13 @@ class Busy(Exception):
 @dataclass(frozen=True)
 class Path:
     """A token sequence to read along: the log-probability of each of ``tokens[first:]`` given
-    the tokens before it, with the ``top`` most likely alternatives and the rank of each token
-    when ``top`` > 0, and the whole next-token logits row after the last token if ``final``."""
+    the tokens before it; with ``top`` not None also each token's rank and the ``top`` most
+    likely alternatives (0: ranks only); and the whole next-token logits row after the last
+    token if ``final``."""
 
     tokens: Sequence[int]
     first: int
-    top: int = 0
+    top: int | None = None
     final: bool = False
 
     @property
@@ -35,7 +36,7 @@ class Path:
 @dataclass(frozen=True)
 class PathResult:
     logprobs: np.ndarray  # of tokens[first:]
-    ranks: list[int] | None = None  # with top: 1 + how many tokens were more likely
+    ranks: list[int] | None = None  # with top: 1 + how many tokens are more likely
     tops: list[tuple[tuple[int, float], ...]] | None = None  # with top: (id, logprob), best first
     row: np.ndarray | None = None  # with final: the logits after the last token
 
@@ -92,7 +93,5 @@ class Backend:
         if len(tokens) < 2:
             return []
         result = self.read([Path(tokens, 1, top=top)], keep=tokens)[0]
-        return [PositionLogprobs(int(t), float(lp), rank, alternatives)
-                for t, lp, rank, alternatives
-                in zip(tokens[1:], result.logprobs, result.ranks or [0] * len(result.logprobs),
-                       result.tops or [()] * len(result.logprobs))]
+        return [PositionLogprobs(int(t), float(lp), rank, alternatives) for t, lp, rank, alternatives
+                in zip(tokens[1:], result.logprobs, result.ranks, result.tops)]

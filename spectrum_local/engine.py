@@ -727,15 +727,13 @@ def _decode_start(path: Path, cached: Sequence[int]) -> tuple[int, bool]:
     return min(shared, first_row), False
 
 
-def _reduce(row: np.ndarray, targets, top: int, final: bool) -> dict:
-    """What is kept of one logits row: the log-probabilities of ``targets``, their ranks and
-    the ``top`` best (id, logprob) when ``top``, the row itself when ``final``."""
+def _reduce(row: np.ndarray, targets, top: int | None, final: bool) -> dict:
+    """What is kept of one logits row: the log-probabilities of ``targets``; with ``top`` not
+    None their ranks and the ``top`` best (id, logprob); the row itself when ``final``."""
     lse = logsumexp(row)
     kept: dict = {"lp": {t: float(row[t] - lse) for t in targets}}
-    if top:
-        best = np.argpartition(-row, top - 1)[:top]
-        best = best[np.argsort(-row[best], kind="stable")]
-        kept["top"] = tuple((int(t), float(row[t] - lse)) for t in best)
+    if top is not None:
+        kept["top"] = _best(row, top, lse)
         kept["rank"] = {t: int((row > row[t]).sum()) + 1 for t in targets}
     if final:
         kept["row"] = row.copy()
@@ -746,12 +744,16 @@ def _step_logprobs(row: np.ndarray, token: int, k: int | None):
     if k is None:
         return None, None
     lse = logsumexp(row)
-    top = ()
-    if k:
-        best = np.argpartition(-row, k - 1)[:k]
-        best = best[np.argsort(-row[best], kind="stable")]
-        top = tuple((int(t), float(row[t] - lse)) for t in best)
-    return float(row[token] - lse), top
+    return float(row[token] - lse), _best(row, k, lse)
+
+
+def _best(row: np.ndarray, k: int, lse: float) -> tuple[tuple[int, float], ...]:
+    """The ``k`` most likely (id, logprob), best first."""
+    if k <= 0:
+        return ()
+    best = np.argpartition(-row, k - 1)[:k]
+    best = best[np.argsort(-row[best], kind="stable")]
+    return tuple((int(t), float(row[t] - lse)) for t in best)
 
 
 class _Trie:
@@ -764,7 +766,7 @@ class _Trie:
         self.positions: list[int] = []
         self.seq_sets: list[set[int]] = []
         self._targets: list[set[int]] = []
-        self._top: list[int] = []
+        self._top: list[int] = []  # per node: the most alternatives a path asks for, -1: none
         self._final: list[bool] = []
         self._index: dict = {}  # (parent node or ("root", start), token) -> node
         self._nodes: dict[int, list[int]] = {}  # sequence -> its nodes, in position order
@@ -804,12 +806,12 @@ class _Trie:
                 self.positions.append(pos)
                 self.seq_sets.append(set())
                 self._targets.append(set())
-                self._top.append(0)
+                self._top.append(-1)
                 self._final.append(False)
             self.seq_sets[node].add(seq)
             if path.first - 1 <= pos < len(tokens) - 1:
                 self._targets[node].add(tokens[pos + 1])
-                self._top[node] = max(self._top[node], path.top)
+                self._top[node] = max(self._top[node], -1 if path.top is None else path.top)
             if path.final and pos == len(tokens) - 1:
                 self._final[node] = True
             nodes.append(node)
@@ -819,7 +821,8 @@ class _Trie:
             self.keep_start, self.keep_final = start, nodes[-1]
 
     def reduce(self, node: int, row: np.ndarray) -> dict:
-        return _reduce(row, self._targets[node], self._top[node], self._final[node])
+        top = self._top[node]
+        return _reduce(row, self._targets[node], None if top < 0 else top, self._final[node])
 
     def result(self, path: Path, seq: int, start: int, rows: dict, first_row: dict | None):
         """``path``'s answer from the reduced rows (``first_row``: the cached prompt's)."""
@@ -831,7 +834,7 @@ class _Trie:
         positions = range(path.first - 1, len(tokens) - 1)
         logprobs = np.array([at(p)["lp"][tokens[p + 1]] for p in positions], dtype=np.float64)
         ranks = tops = None
-        if path.top:
+        if path.top is not None:
             ranks = [at(p)["rank"][tokens[p + 1]] for p in positions]
             tops = [at(p)["top"] for p in positions]
         row = at(len(tokens) - 1)["row"] if path.final else None

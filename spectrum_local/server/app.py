@@ -13,7 +13,7 @@ import hmac
 import json
 import threading
 from importlib import resources
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -189,19 +189,25 @@ def _tagged(model: SpectrumModel, **fields) -> dict:
 
 
 async def _cancellable(request: Request, call: Callable[..., Any]):
-    """Run ``call(cancel=event)`` in a worker thread; a client that disconnects sets the event,
-    so its samples stop at the next decode step and free their sequences."""
+    """Run ``call(cancel=event)`` in a worker thread; see ``until_done``."""
     cancel = threading.Event()
-    work = asyncio.ensure_future(run_in_threadpool(call, cancel=cancel))
+    return await until_done(request, run_in_threadpool(call, cancel=cancel), cancel)
+
+
+async def until_done(request: Request, work: Awaitable, cancel: threading.Event):
+    """Await ``work``; a client that disconnects meanwhile sets ``cancel``, so its samples
+    stop at the next decode step and free their sequences (so does a shutdown past the grace
+    period)."""
+    task = asyncio.ensure_future(work)
     try:
-        while not work.done():
-            done, _ = await asyncio.wait({work}, timeout=0.25)
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.25)
             if not done and await request.is_disconnected():
                 cancel.set()
-    except asyncio.CancelledError:  # shutdown after the grace period
+    except asyncio.CancelledError:
         cancel.set()
         raise
-    return work.result()
+    return task.result()
 
 
 def _stream(request: Request, call: Callable[..., Any], event: Callable[[int, Any], dict]):

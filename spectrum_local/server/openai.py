@@ -51,6 +51,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..engine import SamplerSettings
 from ..errors import InputError
+from .app import until_done
 from .schemas import MAX_N
 
 router = APIRouter()
@@ -270,12 +271,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     cancel = threading.Event()
     vocab = _Vocab(model.engine)
     outputs = _new_outputs(vocab, body, plan)
-    work = asyncio.ensure_future(_run_all(model, vocab, plan, outputs, cancel))
-    while not work.done():  # a client that goes away stops its samples at the next token
-        done, _ = await asyncio.wait({work}, timeout=0.25)
-        if not done and await request.is_disconnected():
-            cancel.set()
-    prompt_positions = work.result()
+    prompt_positions = await until_done(request, _run_all(model, vocab, plan, outputs, cancel),
+                                        cancel)
     # A response with logprobs can be large: build and serialise it off the event loop.
     return await run_in_threadpool(
         lambda: JSONResponse(_response(model, vocab, body, plan, outputs, prompt_positions,
@@ -550,8 +547,7 @@ async def _prompt_logprobs(model, vocab: _Vocab, plan: _Plan):
     k = plan.prompt_logprobs
 
     def read(tokens):
-        # The engine gives ranks only with alternatives: ask for at least one, keep k.
-        return _prompt_positions(vocab, model.engine.prompt_logprobs(tokens, max(k, 1)), k)
+        return _prompt_positions(vocab, model.engine.prompt_logprobs(tokens, k), k)
 
     return await asyncio.gather(*[run_in_threadpool(read, prompt.tokens)
                                   for prompt in plan.prompts])
