@@ -32,12 +32,7 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
 
 
 def _run_score(model: SpectrumModel, messages: list, options: dict) -> dict:
-    cands = options.get("candidates")
-    if isinstance(cands, str):
-        cands = candidate_specs.parse_spec(cands)
-    if not isinstance(cands, list) or not cands:
-        raise InputError('"candidates" must be a non-empty list of strings or a spec like "2..12"')
-    result = model.score(messages, cands)
+    result = model.score(messages, candidate_specs.resolve(options.get("candidates")))
     return {"coverage": result.coverage, "candidates": [c.to_dict() for c in result.candidates]}
 
 

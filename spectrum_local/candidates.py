@@ -39,6 +39,16 @@ def parse_spec(spec: str) -> list[str]:
     return spec.split(",")
 
 
+def resolve(value) -> list[str]:
+    """Candidates as a JSON body gives them (a batch line, an HTTP request): a list of strings,
+    or one spec string such as "2..12" or "a,b,c"."""
+    if isinstance(value, str):
+        value = parse_spec(value)
+    if not isinstance(value, list) or not value:
+        raise InputError('"candidates" must be a non-empty list of strings or a spec like "2..12"')
+    return value
+
+
 def read_file(path: str | Path) -> list[str]:
     """One candidate per line, kept exactly (spaces included); blank lines are skipped."""
     text = read_text(path, "candidates file")

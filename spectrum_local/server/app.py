@@ -140,9 +140,7 @@ def create_app(model: SpectrumModel, *, api_key: str | None = None,
     @app.post("/spectrum/v1/score", dependencies=api)
     async def score(body: schemas.ScoreRequest):
         """P(candidate, then end-of-output | prompt) per candidate; as `score --json`."""
-        cands = body.candidates
-        if isinstance(cands, str):
-            cands = candidate_specs.parse_spec(cands)
+        cands = candidate_specs.resolve(body.candidates)
         if len(cands) > schemas.MAX_CANDIDATES:
             raise InputError(f"{len(cands)} candidates; the limit is {schemas.MAX_CANDIDATES}")
         result = await run_in_threadpool(model.score, _messages(body), cands)
