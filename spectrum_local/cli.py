@@ -361,10 +361,11 @@ def serve(model, format_name, gpu_layers, threads, ctx_size, host, port, api_key
     pip install 'spectrum-local[serve]'.
     """
     try:
-        from .server import serve as run_server
+        from .server import check_address, serve as run_server
     except ImportError as e:
         raise SpectrumError(f"serve needs its extra: pip install 'spectrum-local[serve]' ({e})") \
             from None
+    check_address(host, port)
     if not _is_loopback(host) and not api_key:
         click.echo(f"warning: binding {host} without --api-key: anyone who can reach this "
                    "machine can use the model", err=True)

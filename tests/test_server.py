@@ -308,6 +308,16 @@ def test_a_public_bind_without_a_key_warns(f32):
     assert proc.returncode == 0
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "999.1.1.1"])
+def test_an_address_it_cannot_listen_on_is_one_line(f32_server, host):
+    port = int(f32_server.rsplit(":", 1)[1])  # in use by the module's server
+    done = subprocess.run([sys.executable, "-m", "spectrum_local", "serve", "--host", host,
+                           "--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"Error: cannot listen on {host}:")
+    assert "Traceback" not in done.stderr
+
+
 def _outward_address() -> str | None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:

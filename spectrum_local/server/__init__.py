@@ -11,7 +11,22 @@ The model's backend is a ``Scheduler``, which merges concurrent requests into sh
 
 from __future__ import annotations
 
+import socket
 import sys
+
+from ..errors import InputError
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail before the model loads if ``host:port`` cannot be listened on (a port in use, an
+    address this machine does not have), with one line instead of uvicorn's log."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind(address)
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def serve(model, *, host: str, port: int, api_key: str | None, cors_origins: tuple[str, ...],
