@@ -4,7 +4,7 @@ today (llama-cpp-python's own server). Real servers in subprocesses on free port
 model, real HTTP clients; ratios of medians (several runs each, the variants taking turns), under
 a header naming the CPU.
 
-    python bench/bench_serve.py               # the table (4-5 minutes on 2 cores, about 3 of
+    python bench/bench_serve.py               # the table (6-7 minutes on 2 cores, about 3 of
                                               # them the llama-cpp-python server's 11 requests)
     python bench/bench_serve.py --skip-peer   # without that row
 """
@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +33,7 @@ from servers import free_port, running, running_server  # noqa: E402
 import spectrum_local  # noqa: E402
 from bench import medians, print_table  # noqa: E402
 from spectrum_local.backend import Path as ReadPath  # noqa: E402
+from spectrum_local.batch import run_batch  # noqa: E402
 from spectrum_local.engine import cpu_name, use_extra_buffer_types  # noqa: E402
 
 REPEATS = 5
@@ -45,6 +48,7 @@ STORY = [{"role": "description", "content": "Write a long story, at least a hund
           "night the villagers below would hear him singing songs about the stars, the rivers "
           "and the long winters of his youth, when the world was young and wild."}]
 CLIENTS, NEW_TOKENS = 8, 24
+BATCH_LINES, BATCH_REPEATS = 200, 3
 TIMEOUT = 600
 
 
@@ -248,6 +252,34 @@ class Bench:
         self.rows.append((case, f"{CLIENTS} x model.score (the CPU's limit)", t_merged,
                           t_scores, "gain", "", gain))
 
+    def batch_jobs(self, url: str, folder: Path) -> None:
+        """A 200-line score batch (dice-style prompts, 11 candidates each) through --server with
+        16 requests in flight vs one at a time, and the same job run locally, sequentially
+        (today's batch job), all in this process through run_batch."""
+        source = folder / "batch.jsonl"
+        source.write_text("".join(json.dumps({"id": k, "messages": dice_game(k),
+                                              "candidates": "2..12"}) + "\n"
+                                  for k in range(BATCH_LINES)))
+        runs = itertools.count()
+        served = spectrum_local.connect(url)
+
+        def job(model, parallel):
+            def run():
+                summary = run_batch(model, "score", str(source), str(folder / f"{next(runs)}"),
+                                    defaults={}, shared_messages=[], resume=False,
+                                    strict=True, report=print, parallel=parallel,
+                                    progress=False)
+                assert summary.done == BATCH_LINES, summary
+            return run
+
+        t_16, t_1, t_local = medians(job(served, 16), job(served, 1), job(self.model, 1),
+                                     repeats=BATCH_REPEATS)
+        served.close()
+        case = f"{BATCH_LINES}-line score batch, --server (serve), --parallel 16"
+        self.rows.append((case, "--parallel 1", t_16, t_1, "speed-up", ">= 1.3x", t_1 / t_16))
+        self.rows.append(("same", "the local batch job (sequential, in-process)", t_16, t_local,
+                          "remote / local", "<= 1.0", t_16 / t_local))
+
     def peer(self, model_path: str, threads: int) -> None:
         """llama-cpp-python's server on the dice, once (it is slow); ours is the HTTP dice
         score measured in dice()."""
@@ -282,6 +314,9 @@ def main() -> None:
         for part in (bench.dice, bench.concurrent_samples, bench.concurrent_scores):
             progress(part.__name__)
             part()
+        progress("batch_jobs")
+        with tempfile.TemporaryDirectory() as folder:
+            bench.batch_jobs(url, Path(folder))
     if not skip_peer:
         progress("peer (llama_cpp.server)")
         bench.peer(model_path, threads)

@@ -69,7 +69,9 @@ class Generation:
 
 
 class Backend:
-    """The reads every backend derives from its ``read(paths, keep)``."""
+    """The reads every backend derives from its ``read(paths, keep)``. A backend also has
+    ``tokenize``, ``detokenize``, ``control_token``, ``token_text``, ``n_vocab``, ``generate``,
+    ``describe`` and ``close`` (see ``Engine``)."""
 
     def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None) -> list[PathResult]:
         """What each path asks for (see ``Path``); afterwards the prefix cache holds ``keep``."""
@@ -78,6 +80,12 @@ class Backend:
     def prompt_logits(self, prompt: Sequence[int]) -> np.ndarray:
         """Next-token logits after ``prompt``."""
         return self.read([Path(prompt, len(prompt), final=True)], keep=prompt)[0].row
+
+    def next_tokens(self, prompt: Sequence[int], k: int) -> tuple[tuple[int, float], ...]:
+        """The ``k`` most likely tokens after ``prompt``: (id, logprob), best first. A server
+        backend asks for them (it has no whole row to give)."""
+        row = self.prompt_logits(prompt)
+        return best_tokens(row, k, float(logsumexp(row)))
 
     def continuation_logprobs(self, prompt: Sequence[int],
                               continuations: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
@@ -95,3 +103,19 @@ class Backend:
         result = self.read([Path(tokens, 1, top=top)], keep=tokens)[0]
         return [PositionLogprobs(int(t), float(lp), rank, alternatives) for t, lp, rank, alternatives
                 in zip(tokens[1:], result.logprobs, result.ranks, result.tops)]
+
+
+def logsumexp(rows: np.ndarray) -> np.ndarray:
+    """Per-row log-sum-exp: exp in float32 (fast over a 262k vocabulary), sums in float64."""
+    peak = rows.max(axis=-1, keepdims=True)
+    sums = np.exp(rows - peak).sum(axis=-1, dtype=np.float64)
+    return peak[..., 0].astype(np.float64) + np.log(sums)
+
+
+def best_tokens(row: np.ndarray, k: int, lse: float) -> tuple[tuple[int, float], ...]:
+    """The ``k`` most likely (id, logprob) of a logits row, best first."""
+    if k <= 0:
+        return ()
+    best = np.argpartition(-row, k - 1)[:k]
+    best = best[np.argsort(-row[best], kind="stable")]
+    return tuple((int(t), float(row[t] - lse)) for t in best)

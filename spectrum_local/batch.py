@@ -2,24 +2,36 @@
 
 Each result line carries its input line's ``id`` and is flushed as soon as it is computed, so a
 killed job loses at most the line in flight; ``resume`` skips the ids already in the output
-(dropping a torn last line first). A malformed line is reported with its number and skipped,
-or stops the job when ``strict``. Lines are processed in order, so consecutive prompts that
-share a description and examples reuse the engine's cached prefix.
+(dropping a torn last line first). A malformed line, or one a server refuses, is reported
+with its number and skipped, or stops the job when ``strict``.
+
+Results are written in input order. Locally, lines run one at a time by default, so consecutive
+prompts that share a description and examples reuse the engine's cached prefix; with
+``parallel`` > 1 they go through a ``Scheduler``, which merges concurrent reads into shared
+decodes. Against a server, ``parallel`` requests are in flight (default 16): the server batches
+them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from . import candidates as candidate_specs
 from .display import Progress
+from .engine import Engine
 from .errors import InputError
 from .model import SpectrumModel
+from .scheduler import Scheduler
 from .textfile import read_text
+
+DEFAULT_PARALLEL = 16  # requests in flight against a server
 
 # Per operation: the fields a line may hold besides id and messages, with their JSON types.
 _NUMBER = (int, float)
@@ -52,18 +64,24 @@ RUNNERS: dict[str, Callable[[SpectrumModel, list, dict], dict]] = {
 @dataclass
 class BatchSummary:
     done: int = 0  # results written by this run
+    tokens: int = 0  # scored or generated in those results
     already: int = 0  # ids found in the output and skipped (resume)
+    servers: dict[str, int] = field(default_factory=dict)  # replicas: requests each answered
     failed: list[tuple[int, str]] = field(default_factory=list)  # (line number, error)
 
     def line(self, seconds: float) -> str:
-        rate = self.done / seconds if seconds > 0 else 0.0
-        text = f"{self.done} results in {seconds:.1f} s ({rate:.2f}/s)"
+        seconds = max(seconds, 1e-9)
+        text = (f"{self.done} results in {seconds:.1f} s ({self.done / seconds:.2f}/s, "
+                f"{self.tokens / seconds:,.0f} tokens/s scored or generated)")
         if self.already:
             text += f", {self.already} already done"
         if self.failed:
             numbers = ", ".join(str(n) for n, _ in sorted(self.failed)[:10])
             more = "..." if len(self.failed) > 10 else ""
             text += f"; {len(self.failed)} line(s) skipped: {numbers}{more}"
+        if len(self.servers) > 1:
+            text += "; requests answered: " + ", ".join(f"{url} {count}" for url, count
+                                                        in self.servers.items())
         return text
 
 
@@ -140,9 +158,12 @@ def done_ids(out_path: Path) -> set[str]:
     return ids
 
 
-def run_batch(model: SpectrumModel, operation: str, in_path: str, out_path: str, *,
-              defaults: dict, shared_messages: list, resume: bool, strict: bool,
-              report: Callable[[str], None], progress: bool = True) -> BatchSummary:
+def run_batch(model, operation: str, in_path: str, out_path: str, *, defaults: dict,
+              shared_messages: list, resume: bool, strict: bool,
+              report: Callable[[str], None], parallel: int | None = None,
+              progress: bool = True) -> BatchSummary:
+    """Run a batch job over ``model`` (a ``SpectrumModel`` or a ``remote.ServedModel``).
+    ``parallel``: lines in flight; default 1 locally, ``DEFAULT_PARALLEL`` against a server."""
     summary = BatchSummary()
     out = Path(out_path)
     if not out.parent.is_dir():
@@ -150,6 +171,11 @@ def run_batch(model: SpectrumModel, operation: str, in_path: str, out_path: str,
     if out.exists() and not resume:
         raise InputError(f"{out} exists; pass --resume to continue that job, or choose another "
                          "--out")
+    local = isinstance(getattr(model, "engine", None), Engine)
+    if parallel is None:
+        parallel = 1 if local else DEFAULT_PARALLEL
+    if parallel < 1:
+        raise InputError("--parallel must be at least 1")
 
     def fail(number: int, error: str) -> None:
         if strict:
@@ -161,18 +187,64 @@ def run_batch(model: SpectrumModel, operation: str, in_path: str, out_path: str,
     finished = done_ids(out) if resume else set()
     todo = [job for job in jobs if json.dumps(job.id) not in finished]
     summary.already = len(jobs) - len(todo)
-    with open(out, "a" if resume else "x", encoding="utf-8") as sink, \
-            Progress(len(todo), enabled=progress) as bar:
-        for job in todo:
-            try:
-                result = RUNNERS[operation](model, shared_messages + job.messages, job.options)
-            except InputError as e:
-                fail(job.line, str(e))
+
+    def run(job: Job) -> dict:
+        return RUNNERS[operation](model, shared_messages + job.messages, job.options)
+
+    with contextlib.ExitStack() as stack:
+        if local and parallel > 1:
+            model = model.using(stack.enter_context(Scheduler(model.engine)))
+        sink = stack.enter_context(open(out, "a" if resume else "x", encoding="utf-8"))
+        bar = stack.enter_context(Progress(len(todo), enabled=progress))
+        for job, outcome in _in_order(todo, run, parallel):
+            tokens = 0
+            if isinstance(outcome, InputError):
+                fail(job.line, str(outcome))
             else:
-                _write_line(sink, {"id": job.id, **result})
+                _write_line(sink, {"id": job.id, **outcome})
+                tokens = _tokens(outcome)
                 summary.done += 1
-            bar.advance()
+                summary.tokens += tokens
+            bar.advance(tokens)
+    client = getattr(getattr(model, "engine", model), "client", None)  # a server's model
+    if client is not None:
+        summary.servers = {r.url: r.answered for r in client.replicas}
     return summary
+
+
+def _in_order(jobs: list[Job], run: Callable[[Job], dict],
+              parallel: int) -> Iterator[tuple[Job, dict | InputError]]:
+    """Each job with its result, or the ``InputError`` that refused it, in input order, with up
+    to ``parallel`` jobs running. Any other error stops the job."""
+    def outcome(job: Job) -> dict | InputError:
+        try:
+            return run(job)
+        except InputError as e:
+            return e
+
+    if parallel == 1:
+        yield from ((job, outcome(job)) for job in jobs)
+        return
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="spectrum-batch")
+    pending: deque = deque()
+    waiting = iter(jobs)
+    try:
+        while True:
+            # Twice the workers queued: none idles while the oldest result is written.
+            while len(pending) < 2 * parallel and (job := next(waiting, None)) is not None:
+                pending.append((job, pool.submit(outcome, job)))
+            if not pending:
+                return
+            job, future = pending.popleft()
+            yield job, future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _tokens(result: dict) -> int:
+    """Tokens scored or generated for one result line (for the rates shown)."""
+    items = result.get("candidates") or result.get("samples") or []
+    return sum(item["n_tokens"] for item in items)
 
 
 def _write_line(sink: TextIO, record: dict) -> None:

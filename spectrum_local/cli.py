@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -109,15 +110,20 @@ batch_options = _options(
     click.option("--strict", is_flag=True,
                  help="With --batch: stop at the first malformed line instead of "
                       "reporting and skipping it."),
+    click.option("--parallel", type=click.IntRange(min=1), metavar="N",
+                 help="With --batch: lines in flight. Default: 16 with --server (the server "
+                      "batches them), 1 locally (consecutive lines reuse the prefix cache; "
+                      "more merges their decodes). Results stay in input order."),
 )
 
 
-model_options = _options(
+local_model_options = _options(
     click.option("--model", "-m", metavar="GGUF",
                  help="A .gguf file, or REPO_ID:FILE.gguf on the Hugging Face hub. "
                       "Default: $SPECTRUM_LOCAL_MODEL, else the small demo model."),
     click.option("--format", "format_name", type=click.Choice(sorted(formats.FORMATS)),
-                 help="The prompt format; default: read from the GGUF."),
+                 help="The prompt format; default: read from the GGUF (with --server: from "
+                      "the tokenizer's control tokens)."),
     click.option("--gpu-layers", type=click.IntRange(min=-1),
                  help="Layers to offload to the GPU (-1: all). Default: all when llama.cpp "
                       "was built with Metal or CUDA, else 0."),
@@ -127,6 +133,47 @@ model_options = _options(
                  help="Context size in tokens: prompt plus what is scored or sampled. "
                       "Default: 4096, or the model's trained length if smaller."),
 )
+server_options = _options(
+    click.option("--server", "servers", multiple=True, metavar="URL",
+                 help="Use the model of a server instead of a local one: spectrum-local serve "
+                      "or vLLM (e.g. http://gpu-box:8000). Repeat for replicas of one model: "
+                      "requests go to the least busy."),
+    click.option("--api-key", envvar="SPECTRUM_LOCAL_API_KEY", metavar="KEY",
+                 help="With --server: sent as 'Authorization: Bearer KEY' "
+                      "(env: SPECTRUM_LOCAL_API_KEY)."),
+    click.option("--tokenizer", metavar="PATH",
+                 help="With a vLLM --server: the served model's tokenizer (a folder, a "
+                      "tokenizer.json or a hub id). Default: the served model's id."),
+)
+
+
+def model_options(command):
+    """The local model options and --server; the command gets ``open_model()`` instead."""
+    @functools.wraps(command)
+    def with_model(*args, model, format_name, gpu_layers, threads, ctx_size, servers, api_key,
+                   tokenizer, **kwargs):
+        def open_model():
+            if not servers:
+                if tokenizer:
+                    raise click.UsageError("--tokenizer goes with --server")
+                return _load(model, format_name, gpu_layers, threads, ctx_size)
+            local = [name for name, value in (("--model", model), ("--gpu-layers", gpu_layers),
+                                              ("--threads", threads), ("--ctx", ctx_size))
+                     if value is not None]
+            if local:
+                raise click.UsageError(f"{', '.join(local)} set up a local model; with --server "
+                                       "the server's model answers")
+            try:
+                from .remote import connect
+            except ImportError as e:
+                raise SpectrumError(f"--server needs the remote extra: pip install "
+                                    f"'spectrum-local[remote]' ({e})") from None
+            return connect(servers, api_key=api_key, tokenizer=tokenizer, format=format_name)
+        return command(*args, open_model=open_model, **kwargs)
+
+    return local_model_options(server_options(with_model))
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 
 
@@ -142,11 +189,11 @@ def _messages(ctx: click.Context, description, input, output, messages_file) -> 
 
 
 def _run(operation: str, messages: list[dict], loader, run_one, defaults,
-         batch_in, batch_out, resume, strict) -> None:
+         batch_in, batch_out, resume, strict, parallel) -> None:
     """Either the single prompt of the command line, or a --batch job over a JSONL file."""
     if not batch_in:
-        if batch_out or resume or strict:
-            raise click.UsageError("--out, --resume and --strict go with --batch")
+        if batch_out or resume or strict or parallel:
+            raise click.UsageError("--out, --resume, --strict and --parallel go with --batch")
         parsed = formats.parse_messages(messages)  # fail fast, before loading the model
         run_one(loader(), parsed)
         return
@@ -162,6 +209,7 @@ def _run(operation: str, messages: list[dict], loader, run_one, defaults,
     start = time.monotonic()
     summary = run_batch(model, operation, batch_in, batch_out, defaults=defaults,
                         shared_messages=messages, resume=resume, strict=strict,
+                        parallel=parallel,
                         report=lambda line: click.echo(f"warning: {line}", err=True))
     click.echo(summary.line(time.monotonic() - start), err=True)
 
@@ -215,8 +263,7 @@ def cli():
 @json_option
 @click.pass_context
 def score(ctx, description, input, output, messages_file, candidate_specs_, candidates_file,
-          batch_in, batch_out, resume, strict, model, format_name, gpu_layers, threads, ctx_size,
-          as_json):
+          batch_in, batch_out, resume, strict, parallel, open_model, as_json):
     """Probability of each candidate answer as a whole output.
 
     For each candidate: P(its tokens, then the end-of-output token | prompt). Coverage is the
@@ -236,9 +283,8 @@ def score(ctx, description, input, output, messages_file, candidate_specs_, cand
         else:
             click.echo(display.score_table(result))
 
-    _run("score", messages, lambda: _load(model, format_name, gpu_layers, threads, ctx_size),
-         run_one, {"candidates": candidates} if candidates else {}, batch_in, batch_out, resume,
-         strict)
+    _run("score", messages, open_model, run_one, {"candidates": candidates} if candidates else {},
+         batch_in, batch_out, resume, strict, parallel)
 
 
 @cli.command(cls=MessageCommand, epilog=EXAMPLES)
@@ -263,8 +309,8 @@ def score(ctx, description, input, output, messages_file, candidate_specs_, cand
 @json_option
 @click.pass_context
 def sample(ctx, description, input, output, messages_file, n, max_tokens, seed, temperature,
-           top_k, top_p, min_p, repeat_penalty, batch_in, batch_out, resume, strict, model,
-           format_name, gpu_layers, threads, ctx_size, as_json):
+           top_k, top_p, min_p, repeat_penalty, batch_in, batch_out, resume, strict, parallel,
+           open_model, as_json):
     """Draw N i.i.d. outputs.
 
     The defaults are the model card's: temperature 1 and no truncation, i.e. samples from
@@ -282,8 +328,7 @@ def sample(ctx, description, input, output, messages_file, n, max_tokens, seed, 
             click.echo(display.sample_list(samples))
 
     _run("sample", _messages(ctx, description, input, output, messages_file),
-         lambda: _load(model, format_name, gpu_layers, threads, ctx_size), run_one, settings,
-         batch_in, batch_out, resume, strict)
+         open_model, run_one, settings, batch_in, batch_out, resume, strict, parallel)
 
 
 @cli.command(cls=MessageCommand, epilog=EXAMPLES)
@@ -296,7 +341,7 @@ def sample(ctx, description, input, output, messages_file, n, max_tokens, seed, 
 @json_option
 @click.pass_context
 def top(ctx, description, input, output, messages_file, k, prefix, batch_in, batch_out, resume,
-        strict, model, format_name, gpu_layers, threads, ctx_size, as_json):
+        strict, parallel, open_model, as_json):
     """The K most likely first tokens of the output, with their probabilities."""
 
     def run_one(m, parsed):
@@ -307,16 +352,17 @@ def top(ctx, description, input, output, messages_file, k, prefix, batch_in, bat
             click.echo(display.top_table(tokens))
 
     _run("top", _messages(ctx, description, input, output, messages_file),
-         lambda: _load(model, format_name, gpu_layers, threads, ctx_size), run_one,
-         {"k": k, "prefix": prefix}, batch_in, batch_out, resume, strict)
+         open_model, run_one, {"k": k, "prefix": prefix}, batch_in, batch_out, resume, strict,
+         parallel)
 
 
 @cli.command()
 @model_options
 @json_option
-def info(model, format_name, gpu_layers, threads, ctx_size, as_json):
-    """What a model file is, and what llama.cpp was built with."""
-    details = _load(model, format_name, gpu_layers, threads, ctx_size).info()
+def info(open_model, as_json):
+    """What a model file is and what llama.cpp was built with (with --server: what the server
+    serves)."""
+    details = open_model().info()
     details.pop("prompt_format")  # the server's info shows it; here it would drown the rest
     if as_json:
         click.echo(json.dumps(details, ensure_ascii=False))
@@ -326,6 +372,8 @@ def info(model, format_name, gpu_layers, threads, ctx_size, as_json):
             value = f"{value / 2**20:,.1f} MiB"
         elif key == "parameters":
             value = f"{value / 1e6:,.1f} M"
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value))
         click.echo(f"{key.replace('_', ' '):<16} {value}")
 
 
@@ -338,7 +386,7 @@ Examples:
     "content": "Roll two six-sided dice. What is the sum of their values?"}],
     "candidates": "2..12"}'
 """)
-@model_options
+@local_model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback exposes the model to the network: "
                    "give it an --api-key.")

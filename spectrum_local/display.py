@@ -67,11 +67,12 @@ def sample_list(samples: Sequence[Sample]) -> str:
 
 
 class Progress:
-    """A one-line progress bar on stderr with count, rate and ETA; drawn only on a terminal
-    (unless ``enabled`` says otherwise), at most five times a second."""
+    """A one-line progress bar on stderr with count, requests and tokens per second, and ETA;
+    drawn only on a terminal (unless ``enabled`` says otherwise), at most five times a
+    second."""
 
     def __init__(self, total: int, *, enabled: bool | None = True, stream: TextIO | None = None):
-        self.total, self.done = total, 0
+        self.total, self.done, self.tokens = total, 0, 0
         self.stream = stream or sys.stderr
         self.enabled = bool(enabled) and (stream is not None or self.stream.isatty())
         self.start = self.last_draw = time.monotonic()
@@ -85,8 +86,10 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
 
-    def advance(self) -> None:
+    def advance(self, tokens: int = 0) -> None:
+        """One more done, with the tokens it scored or generated."""
         self.done += 1
+        self.tokens += tokens
         now = time.monotonic()
         if self.enabled and (now - self.last_draw >= 0.2 or self.done == self.total):
             self.last_draw = now
@@ -98,8 +101,9 @@ class Progress:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.done) / rate if rate > 0 else float("nan")
         fraction = self.done / self.total if self.total else 1.0
-        return (f"{bar(fraction, 24):<24} {self.done}/{self.total}  {rate:.2f}/s  "
-                f"ETA {_duration(left)}  ")
+        token_rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        return (f"{bar(fraction, 24):<24} {self.done}/{self.total}  {rate:.2f} req/s  "
+                f"{token_rate:,.0f} tok/s  ETA {_duration(left)}  ")
 
 
 def _duration(seconds: float) -> str:

@@ -27,7 +27,7 @@ from typing import Sequence
 import llama_cpp
 import numpy as np
 
-from .backend import Backend, Busy, Generation, Path, PathResult, Step
+from .backend import Backend, Busy, Generation, Path, PathResult, Step, best_tokens, logsumexp
 from .errors import InputError, SpectrumError
 
 # llama.cpp 0.3.36's limits: LLAMA_MAX_SEQ (llama-cparams.h) and GGML_MAX_N_THREADS (ggml.h);
@@ -267,6 +267,22 @@ class Engine(Backend):
 
     def n_params(self) -> int:
         return llama_cpp.llama_model_n_params(self._model)
+
+    def describe(self) -> dict:
+        """The model file and what llama.cpp was built with (for ``info``)."""
+        meta = self.metadata
+        return {
+            "name": meta.get("general.name"),
+            "architecture": meta.get("general.architecture"),
+            "description": self.description(),
+            "file_size": os.path.getsize(self.path),
+            "parameters": self.n_params(),
+            "context_trained": self.n_ctx_train,
+            "context": self.n_ctx,
+            "chat_template": "tokenizer.chat_template" in meta,
+            "gpu_offload": supports_gpu_offload(),
+            "backend": system_info(),
+        }
 
     def description(self) -> str:
         buf = ctypes.create_string_buffer(256)
@@ -733,7 +749,7 @@ def _reduce(row: np.ndarray, targets, top: int | None, final: bool) -> dict:
     lse = logsumexp(row)
     kept: dict = {"lp": {t: float(row[t] - lse) for t in targets}}
     if top is not None:
-        kept["top"] = _best(row, top, lse)
+        kept["top"] = best_tokens(row, top, lse)
         kept["rank"] = {t: int((row > row[t]).sum()) + 1 for t in targets}
     if final:
         kept["row"] = row.copy()
@@ -744,16 +760,7 @@ def _step_logprobs(row: np.ndarray, token: int, k: int | None):
     if k is None:
         return None, None
     lse = logsumexp(row)
-    return float(row[token] - lse), _best(row, k, lse)
-
-
-def _best(row: np.ndarray, k: int, lse: float) -> tuple[tuple[int, float], ...]:
-    """The ``k`` most likely (id, logprob), best first."""
-    if k <= 0:
-        return ()
-    best = np.argpartition(-row, k - 1)[:k]
-    best = best[np.argsort(-row[best], kind="stable")]
-    return tuple((int(t), float(row[t] - lse)) for t in best)
+    return float(row[token] - lse), best_tokens(row, k, lse)
 
 
 class _Trie:
@@ -874,17 +881,6 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
-
-
-def logsumexp(rows: np.ndarray) -> np.ndarray:
-    """Per-row log-sum-exp: exp in float32 (fast over a 262k vocabulary), sums in float64."""
-    peak = rows.max(axis=-1, keepdims=True)
-    sums = np.exp(rows - peak).sum(axis=-1, dtype=np.float64)
-    return peak[..., 0].astype(np.float64) + np.log(sums)
-
-
-def log_softmax(rows: np.ndarray) -> np.ndarray:
-    return rows.astype(np.float64) - logsumexp(rows)[..., None]
 
 
 def quantize(src: str, dst: str, outtype: str, threads: int | None = None) -> None:

@@ -14,7 +14,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from . import formats
-from .engine import Engine, SamplerSettings, check_int, common_prefix, log_softmax, logsumexp
+from .backend import Backend, logsumexp
+from .engine import Engine, SamplerSettings, check_int, common_prefix
 from .errors import InputError, SpectrumError
 from .results import CandidateScore, Sample, ScoreResult, TokenProb
 from .source import locate
@@ -35,19 +36,26 @@ def load(model: str | os.PathLike | None = None, *, format: str | None = None,
     length if that is smaller."""
     source = locate(model)
     engine = Engine(source.path, ctx=ctx, gpu_layers=gpu_layers, threads=threads, batch=batch)
-    fmt = formats.get_format(format) if format else formats.detect(engine.metadata)
-    return SpectrumModel(engine, fmt, notice=source.notice, format_overridden=bool(format))
+    if format:
+        fmt, format_from = formats.get_format(format), "--format"
+    else:
+        fmt = formats.detect(engine.metadata)
+        format_from = "spectrum.format" if "spectrum.format" in engine.metadata else "architecture"
+    return SpectrumModel(engine, fmt, notice=source.notice, format_from=format_from)
 
 
 class SpectrumModel:
-    def __init__(self, engine: Engine, fmt: formats.Format, notice: str | None = None,
-                 format_overridden: bool = False):
+    """The operations over a ``Backend``: the llama.cpp ``Engine``, a ``Scheduler`` sharing one,
+    or a vLLM server (``remote.VLLMBackend``)."""
+
+    def __init__(self, engine: Backend, fmt: formats.Format, notice: str | None = None,
+                 format_from: str = "--format"):
         self.engine = engine
         self.path = engine.path
         self.format = fmt.name
         self.notice = notice
         self._fmt = fmt
-        self._format_overridden = format_overridden
+        self._format_from = format_from  # how the family was chosen, for info()
         self._control_ids = {}
         for marker in fmt.control_tokens:
             token = engine.control_token(marker)
@@ -68,31 +76,19 @@ class SpectrumModel:
 
     def using(self, backend) -> "SpectrumModel":
         """The same model over another backend (a ``Scheduler`` of this model's engine)."""
-        return SpectrumModel(backend, self._fmt, self.notice, self._format_overridden)
+        return SpectrumModel(backend, self._fmt, self.notice, self._format_from)
 
     def info(self) -> dict:
-        """What the model file is, what llama.cpp was built with, and the prompt format."""
-        from .engine import supports_gpu_offload, system_info
-
-        engine, meta = self.engine, self.engine.metadata
+        """What the backend says of the model (the file and llama.cpp's build, or the server),
+        and the prompt format."""
         fmt = self._fmt
         example = [formats.Message("description", "D"), formats.Message("input", "I"),
                    formats.Message("output", "O")]
         return {
             "model": self.path,
-            "name": meta.get("general.name"),
-            "architecture": meta.get("general.architecture"),
-            "description": engine.description(),
-            "file_size": os.path.getsize(self.path),
-            "parameters": engine.n_params(),
+            **self.engine.describe(),
             "format": self.format,
-            "format_from": "--format" if self._format_overridden else
-                           ("spectrum.format" if "spectrum.format" in meta else "architecture"),
-            "context_trained": engine.n_ctx_train,
-            "context": engine.n_ctx,
-            "chat_template": "tokenizer.chat_template" in meta,
-            "gpu_offload": supports_gpu_offload(),
-            "backend": system_info(),
+            "format_from": self._format_from,
             "prompt_format": {
                 "roles": list(formats.ROLES),
                 "end_of_output": fmt.end_of_output,
@@ -158,11 +154,8 @@ class SpectrumModel:
         check_int("k", k, 1)
         if k > self.engine.n_vocab:
             raise InputError(f"k={k} is larger than the vocabulary ({self.engine.n_vocab} tokens)")
-        logprobs = log_softmax(self.engine.prompt_logits(self.prompt_tokens(messages, prefix))[None])[0]
-        best = np.argpartition(-logprobs, k - 1)[:k]
-        best = best[np.argsort(-logprobs[best], kind="stable")]
-        return [TokenProb(self.engine.token_text(int(t)), int(t), math.exp(logprobs[t]),
-                          float(logprobs[t])) for t in best]
+        best = self.engine.next_tokens(self.prompt_tokens(messages, prefix), k)
+        return [TokenProb(self.engine.token_text(t), t, math.exp(lp), lp) for t, lp in best]
 
     def score(self, messages: Messages, candidates: Sequence[str]) -> ScoreResult:
         """P(candidate, then end-of-output | prompt) for each candidate, the coverage (their

@@ -23,43 +23,64 @@ def free_port() -> int:
 def running_server(args: list[str] = (), *, api_key: str | None = None, timeout: float = 180):
     """Yield the base URL of ``spectrum-local serve`` started with ``args``; SIGTERM it after."""
     port = free_port()
+    with running(serve_command(args, port), port, "/health", env=serve_env(api_key),
+                 timeout=timeout) as url:
+        yield url
+
+
+def serve_command(args: list[str], port: int) -> list[str]:
+    return [sys.executable, "-m", "spectrum_local", "serve", "--port", str(port), *args]
+
+
+def serve_env(api_key: str | None = None) -> dict:
     env = dict(os.environ)
     env.pop("SPECTRUM_LOCAL_API_KEY", None)
     if api_key:
         env["SPECTRUM_LOCAL_API_KEY"] = api_key
-    command = [sys.executable, "-m", "spectrum_local", "serve", "--port", str(port), *args]
-    with running(command, port, "/health", env=env, timeout=timeout) as url:
-        yield url
+    return env
 
 
 @contextlib.contextmanager
 def running(command: list[str], port: int, health: str, *, env=None, timeout: float = 180):
     """Run a server ``command`` listening on loopback ``port``; yield its URL once ``health``
     answers 200; SIGTERM it afterwards."""
+    proc = start(command, port, health, env=env, timeout=timeout)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def start(command: list[str], port: int, health: str, *, env=None,
+          timeout: float = 180) -> subprocess.Popen:
+    """Start a server ``command`` and return it once ``health`` on ``port`` answers 200."""
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{command[2:4]} exited with {proc.returncode}:\n"
-                                   f"{proc.stdout.read()}")
-            try:
-                if httpx.get(url + health, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{command[2:4]} did not answer {health} in time")
-            time.sleep(0.2)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        proc.stdout.close()
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            output = proc.stdout.read()
+            proc.stdout.close()
+            raise RuntimeError(f"{command[2:4]} exited with {proc.returncode}:\n{output}")
+        try:
+            if httpx.get(url + health, timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            stop(proc)
+            raise RuntimeError(f"{command[2:4]} did not answer {health} in time")
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a server started by ``start`` (SIGKILL: as if it crashed)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    proc.stdout.close()

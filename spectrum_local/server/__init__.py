@@ -16,6 +16,10 @@ import sys
 
 from ..errors import InputError
 
+# Samples per request on a shared service (the Python API allows more, see model.MAX_SAMPLES;
+# a remote.ServedModel splits larger n into requests of this size).
+MAX_N = 256
+
 
 def check_address(host: str, port: int) -> None:
     """Fail before the model loads if ``host:port`` cannot be listened on (a port in use, an

@@ -7,10 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import MAX_N
 
-
-# Per request, on a shared service (the Python API allows more, see model.MAX_SAMPLES).
-MAX_N = 256
 MAX_CANDIDATES = 10_000
 MAX_K = 1000
 
