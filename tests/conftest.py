@@ -17,6 +17,7 @@ from spectrum_local.engine import cpu_has_amx, cpu_name, use_extra_buffer_types
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_checkpoints  # noqa: E402
 from naive import naive_llama, naive_score  # noqa: E402
+from servers import running_server  # noqa: E402
 
 DICE = [{"role": "description",
          "content": "Roll two six-sided dice. What is the sum of their values?"}]
@@ -82,6 +83,23 @@ def f32_models(f32):
     yield models
     for m in models.values():
         m.close()
+
+
+# The family the server tests serve: its F32 model is their exact reference.
+SERVED_FAMILY = "qwen3"
+
+
+@pytest.fixture(scope="module")
+def f32_server(f32):
+    """``spectrum-local serve`` on the F32 model of SERVED_FAMILY: its base URL."""
+    with running_server(["--model", str(f32[SERVED_FAMILY]), "--ctx", "1024"]) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def reference(f32_models):
+    """The served F32 model, loaded in-process: what the server must answer."""
+    return f32_models[SERVED_FAMILY]
 
 
 @pytest.fixture(scope="session")

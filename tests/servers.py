@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -54,15 +55,16 @@ def running(command: list[str], port: int, health: str, *, env=None, timeout: fl
 def start(command: list[str], port: int, health: str, *, env=None,
           timeout: float = 180) -> subprocess.Popen:
     """Start a server ``command`` and return it once ``health`` on ``port`` answers 200."""
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    # Output goes to a file, not a pipe: a server that logs more than a pipe holds while
+    # nobody reads it would block on its next write.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            output = proc.stdout.read()
-            proc.stdout.close()
-            raise RuntimeError(f"{command[2:4]} exited with {proc.returncode}:\n{output}")
+            raise RuntimeError(f"{command[2:4]} exited with {proc.returncode}:\n{output(proc)}")
         try:
             if httpx.get(url + health, timeout=1).status_code == 200:
                 return proc
@@ -83,4 +85,10 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    proc.stdout.close()
+    proc.log.close()
+
+
+def output(proc: subprocess.Popen) -> str:
+    """What a server started by ``start`` has printed so far."""
+    proc.log.seek(0)
+    return proc.log.read()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import scipy.stats
-from conftest import DICE, FEW_SHOT
+from conftest import DICE, FEW_SHOT, SERVED_FAMILY
 from servers import free_port, running_server, serve_command, serve_env, start, stop
 
 import spectrum_local
@@ -26,26 +26,15 @@ from spectrum_local.remote import ServedModel
 pytestmark = pytest.mark.http
 
 EXACT = 1e-3  # F32: as in test_model.py
-FAMILY = "qwen3"
+FAMILY = SERVED_FAMILY
 CLI = [sys.executable, "-m", "spectrum_local"]
 
 
 @pytest.fixture(scope="module")
-def f32_url(f32):
-    with running_server(["--model", str(f32[FAMILY]), "--ctx", "1024"]) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def served(f32_url):
-    model = spectrum_local.connect(f32_url)
+def served(f32_server):
+    model = spectrum_local.connect(f32_server)
     yield model
     model.close()
-
-
-@pytest.fixture(scope="module")
-def reference(f32_models):
-    return f32_models[FAMILY]
 
 
 def test_connect_recognises_serve_and_says_what_it_serves(served, f32):
@@ -78,11 +67,11 @@ def test_top_and_seeded_samples_equal_the_local_engine(served, reference):
         reference.sample(FEW_SHOT, n=4, max_tokens=6, seed=5)
 
 
-def test_the_cli_prints_the_same_json_with_server(f32_url, f32):
+def test_the_cli_prints_the_same_json_with_server(f32_server, f32):
     args = ["score", "-d", "Roll a die", "-c", "1..6", "--json"]
     local = subprocess.run([*CLI, *args, "--model", str(f32[FAMILY])], capture_output=True,
                            text=True, check=True)
-    remote = subprocess.run([*CLI, *args, "--server", f32_url], capture_output=True, text=True,
+    remote = subprocess.run([*CLI, *args, "--server", f32_server], capture_output=True, text=True,
                             check=True)
     want, got = json.loads(local.stdout), json.loads(remote.stdout)
     assert got["model"] == want["model"] and got["format"] == want["format"]
@@ -125,15 +114,15 @@ def test_a_refused_request_is_an_input_error(served):
         served.score(DICE, ["1", ""])
 
 
-def test_bad_urls_and_options_are_one_line_errors(f32_url, f32):
+def test_bad_urls_and_options_are_one_line_errors(f32_server, f32):
     port = free_port()
     for args, code, wording in [
         (["--server", f"http://127.0.0.1:{port}"], 1, "cannot reach"),
         (["--server", "localhost:8717"], 2, "http://"),
-        (["--server", f32_url, "--model", str(f32[FAMILY])], 2, "--model"),
+        (["--server", f32_server, "--model", str(f32[FAMILY])], 2, "--model"),
         (["--tokenizer", "x"], 2, "--tokenizer goes with --server"),
-        (["--server", f32_url, "--tokenizer", "x"], 2, "vLLM"),
-        (["--server", f32_url, "--parallel", "4"], 2, "--parallel"),
+        (["--server", f32_server, "--tokenizer", "x"], 2, "vLLM"),
+        (["--server", f32_server, "--parallel", "4"], 2, "--parallel"),
     ]:
         run = subprocess.run([*CLI, "top", "-d", "x", *args], capture_output=True, text=True,
                              timeout=120)
@@ -222,16 +211,16 @@ def test_a_batch_job_retries_while_its_server_restarts(f32, reference, tmp_path)
     check_output(out, reference_scores(reference))
 
 
-def test_a_killed_batch_job_resumes_exactly(f32_url, reference, tmp_path):
+def test_a_killed_batch_job_resumes_exactly(f32_server, reference, tmp_path):
     source, out = write_batch(tmp_path), tmp_path / "out.jsonl"
-    job = subprocess.Popen(batch_command(source, out, [f32_url], "--parallel", "8"),
+    job = subprocess.Popen(batch_command(source, out, [f32_server], "--parallel", "8"),
                            stderr=subprocess.PIPE)
     wait_for_lines(out, LINES // 3, job)
     job.kill()
     job.wait()
     done = out.read_text().count("\n")
     assert LINES // 3 <= done < LINES
-    finish = subprocess.run(batch_command(source, out, [f32_url], "--resume"),
+    finish = subprocess.run(batch_command(source, out, [f32_server], "--resume"),
                             capture_output=True, text=True, timeout=300)
     assert finish.returncode == 0, finish.stderr
     assert f"{done} already done" in finish.stderr

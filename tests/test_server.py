@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import DICE, FEW_SHOT, PROMPTS
+from conftest import DICE, FEW_SHOT, PROMPTS, SERVED_FAMILY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from servers import free_port, running_server
@@ -27,19 +27,8 @@ from servers import free_port, running_server
 pytestmark = pytest.mark.http  # the HTTP layer: run once by `make test`, not per CPU setting
 
 EXACT = 1e-3  # F32: as in test_model.py
-FAMILY = "qwen3"
+FAMILY = SERVED_FAMILY
 STRESS_SECONDS = float(os.environ.get("SPECTRUM_LOCAL_STRESS_SECONDS", 60))
-
-
-@pytest.fixture(scope="module")
-def f32_server(f32):
-    with running_server(["--model", str(f32[FAMILY]), "--ctx", "1024"]) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def reference(f32_models):
-    return f32_models[FAMILY]
 
 
 def post(url: str, route: str, body, **kwargs) -> httpx.Response:

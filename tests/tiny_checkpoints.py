@@ -9,6 +9,7 @@ uniform: a layout mistake then moves log-probabilities by whole nats, not by 1e-
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import shutil
@@ -175,7 +176,15 @@ def build_gemma3_wide(small: Path, folder: Path, n_layers: int) -> Path:
     return folder
 
 
-def build_llama3(folder: Path) -> Path:
+def _attention_shape(head_dim: int) -> dict:
+    """Layer sizes around ``head_dim``: 16 (4 query heads, 2 key/value heads, hidden 64) or 64,
+    the smallest head vLLM's CPU attention runs (2 query heads, 1 key/value head, hidden 128)."""
+    heads = {16: 4, 64: 2}[head_dim]
+    return {"hidden_size": heads * head_dim, "intermediate_size": 2 * heads * head_dim,
+            "num_attention_heads": heads, "num_key_value_heads": heads // 2, "head_dim": head_dim}
+
+
+def build_llama3(folder: Path, *, head_dim: int = 16) -> Path:
     """LlamaForCausalLM with Llama 3.1's rope scaling (original context shortened so that all
     three regimes of the scaling show up in a short prompt), untied, sharded safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -186,8 +195,8 @@ def build_llama3(folder: Path) -> Path:
         shutil.copy(src / name, folder / name)
     n_vocab = len(json.loads((src / "tokenizer.json").read_text())["model"]["vocab"]) + 257
     config = LlamaConfig(
-        vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=131072,
+        vocab_size=n_vocab, num_hidden_layers=2, **_attention_shape(head_dim),
+        max_position_embeddings=131072,
         rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
                          "rope_theta": 500000.0},
@@ -200,7 +209,7 @@ def build_llama3(folder: Path) -> Path:
     return folder
 
 
-def build_qwen3(folder: Path) -> Path:
+def build_qwen3(folder: Path, *, head_dim: int = 16) -> Path:
     """Qwen3ForCausalLM saved in bfloat16, tied embeddings, Qwen3's 151936-row vocabulary."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -209,8 +218,8 @@ def build_qwen3(folder: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         shutil.copy(src / name, folder / name)
     config = Qwen3Config(
-        vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=40960,
+        vocab_size=151936, num_hidden_layers=2, **_attention_shape(head_dim),
+        max_position_embeddings=40960,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rms_norm_eps=1e-6,
         bos_token_id=151643, eos_token_id=151643, tie_word_embeddings=True)
     config.architectures = ["Qwen3ForCausalLM"]
@@ -222,3 +231,6 @@ def build_qwen3(folder: Path) -> Path:
 
 
 BUILDERS = {"gemma3": build_gemma3, "llama3": build_llama3, "qwen3": build_qwen3}
+# The same two families shaped for vLLM's CPU attention (head_dim 64); same tokenizers.
+VLLM_BUILDERS = {"llama3": functools.partial(build_llama3, head_dim=64),
+                 "qwen3": functools.partial(build_qwen3, head_dim=64)}
