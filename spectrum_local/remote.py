@@ -112,10 +112,10 @@ class Client:
         return self.request("POST", path, body)
 
     def kind(self, replica: Replica) -> tuple[str, str]:
-        """("serve", model path) or ("vllm", served model id) for one replica."""
+        """("serve", model file name) or ("vllm", served model id) for one replica."""
         try:  # one try: a wrong URL or a server not started is said at once
             info = self.request("GET", "/spectrum/v1/info", None, replica, attempts=1)
-            return "serve", str(info.get("model"))
+            return "serve", os.path.basename(str(info.get("model")))  # folders differ by machine
         except _NotFound:
             pass
         try:
@@ -224,7 +224,8 @@ def _error_message(response: httpx.Response) -> str:
 
 class ServedModel:
     """The operations of a model loaded by ``spectrum-local serve``, over its native routes.
-    Same arguments and result types as ``SpectrumModel``; the server validates them."""
+    Same arguments and result types as ``SpectrumModel`` (but no streaming hooks on
+    ``sample``); the server validates them."""
 
     def __init__(self, client: Client, info: dict, format: str | None = None):
         self.client = client
@@ -358,8 +359,13 @@ class VLLMBackend(Backend):
                 for p in paths]
 
     def next_tokens(self, prompt: Sequence[int], k: int) -> tuple[tuple[int, float], ...]:
-        choice = self._completions([list(prompt)], max_tokens=1, temperature=0.0, logprobs=k,
-                                   return_tokens_as_token_ids=True)[0]
+        try:
+            choice = self._completions([list(prompt)], max_tokens=1, temperature=0.0,
+                                       logprobs=k, return_tokens_as_token_ids=True)[0]
+        except InputError as e:
+            if "logprobs" not in str(e):
+                raise
+            raise InputError(f"{e}; -k is capped by the vLLM server's --max-logprobs") from None
         alternatives = choice["logprobs"]["top_logprobs"][0]
         best = sorted(((_token_id(t), lp) for t, lp in alternatives.items()),
                       key=lambda item: -item[1])
