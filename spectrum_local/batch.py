@@ -191,22 +191,27 @@ def run_batch(model, operation: str, in_path: str, out_path: str, *, defaults: d
     def run(job: Job) -> dict:
         return RUNNERS[operation](model, shared_messages + job.messages, job.options)
 
+    client = getattr(getattr(model, "engine", model), "client", None)  # a server's model
     with contextlib.ExitStack() as stack:
         if local and parallel > 1:
             model = model.using(stack.enter_context(Scheduler(model.engine)))
         sink = stack.enter_context(open(out, "a" if resume else "x", encoding="utf-8"))
         bar = stack.enter_context(Progress(len(todo), enabled=progress))
-        for job, outcome in _in_order(todo, run, parallel):
-            tokens = 0
-            if isinstance(outcome, InputError):
-                fail(job.line, str(outcome))
-            else:
-                _write_line(sink, {"id": job.id, **outcome})
-                tokens = _tokens(outcome)
-                summary.done += 1
-                summary.tokens += tokens
-            bar.advance(tokens)
-    client = getattr(getattr(model, "engine", model), "client", None)  # a server's model
+        try:
+            for job, outcome in _in_order(todo, run, parallel):
+                tokens = 0
+                if isinstance(outcome, InputError):
+                    fail(job.line, str(outcome))
+                else:
+                    _write_line(sink, {"id": job.id, **outcome})
+                    tokens = _tokens(outcome)
+                    summary.done += 1
+                    summary.tokens += tokens
+                bar.advance(tokens)
+        except BaseException:
+            if client is not None:  # stopped (Ctrl-C, a failed server): end requests in flight
+                client.close()
+            raise
     if client is not None:
         summary.servers = {r.url: r.answered for r in client.replicas}
     return summary

@@ -101,8 +101,11 @@ class Client:
                                   limits=httpx.Limits(max_connections=None))
         self._lock = threading.Lock()
         self._last_warning = 0.0
+        self._closed = threading.Event()
 
     def close(self) -> None:
+        """Close the connections; requests in flight on other threads end with an error."""
+        self._closed.set()
         self._http.close()
 
     def get(self, path: str, replica: Replica | None = None) -> dict:
@@ -130,6 +133,8 @@ class Client:
         """The JSON answer; retries what a server may get over, raises ``InputError`` for a
         request it refuses (4xx) and ``SpectrumError`` when the tries run out."""
         for attempt in range(1, attempts + 1):
+            if self._closed.is_set():
+                raise SpectrumError("the connection to the server was closed")
             target = replica or self._pick()
             try:
                 response = self._http.request(method, target.url + path, json=body)
@@ -150,11 +155,13 @@ class Client:
             if attempt == attempts:
                 break
             wait = min(LONGEST_WAIT, FIRST_WAIT * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+            if self._closed.is_set():
+                raise SpectrumError("the connection to the server was closed")
             with self._lock:
                 target.resting_until = time.monotonic() + wait
                 self._warn(f"{problem}; trying again ({attempt + 1} of {attempts})")
             if replica is not None:
-                time.sleep(wait)
+                self._closed.wait(wait)
         raise SpectrumError(problem if attempts == 1 else
                             f"gave up after {attempts} tries: {problem}")
 
@@ -171,7 +178,7 @@ class Client:
             chosen.in_flight += 1
             wait = chosen.resting_until - now
         if wait > 0:
-            time.sleep(wait)
+            self._closed.wait(wait)
         return chosen
 
     def _warn(self, text: str) -> None:
