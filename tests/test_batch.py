@@ -32,19 +32,22 @@ def read_results(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_batch_results_equal_single_calls(f32_models, tmp_path):
+@pytest.mark.parametrize("parallel", [None, 3])
+def test_batch_results_equal_single_calls(f32_models, tmp_path, parallel):
+    """One line at a time, or three at once through the scheduler (merged decodes): the same
+    numbers, in input order."""
     model = f32_models["qwen3"]  # F32: exact on any CPU
     lines = [{"id": f"q{i}", "messages": [{"role": "input", "content": text}]}
-             for i, text in enumerate(INPUTS[:4])]
+             for i, text in enumerate(INPUTS)]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_lines(src, lines)
     shared = [{"role": "description", "content": SHARED}]
     summary = run_batch(model, "score", str(src), str(out), defaults={"candidates": ["apple", "lime"]},
                         shared_messages=shared, resume=False, strict=False, report=print,
-                        progress=False)
-    assert summary.done == 4 and not summary.failed
+                        parallel=parallel, progress=False)
+    assert summary.done == len(lines) and not summary.failed
     results = read_results(out)
-    assert [r["id"] for r in results] == ["q0", "q1", "q2", "q3"]
+    assert [r["id"] for r in results] == [line["id"] for line in lines]
     for line, result in zip(lines, results):
         single = model.score(shared + line["messages"], ["apple", "lime"])
         for got, want in zip(result["candidates"], single.candidates):
@@ -139,14 +142,15 @@ def test_ctrl_c_exits_130_promptly(args):
     assert time.monotonic() - start < 10
 
 
-def test_progress_shows_count_rate_and_eta():
+def test_progress_shows_count_rates_and_eta():
     stream = StringIO()
     with Progress(4, stream=stream) as bar:
         for _ in range(4):
             time.sleep(0.01)
-            bar.advance()
+            bar.advance(tokens=12)
     text = stream.getvalue()
-    assert "4/4" in text and "/s" in text and "ETA" in text
+    assert "4/4" in text and "req/s" in text and "tok/s" in text and "ETA" in text
+    assert bar.tokens == 48
 
 
 def test_threads_share_one_model(f32_models):
