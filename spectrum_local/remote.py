@@ -394,7 +394,7 @@ class VLLMBackend(Backend):
             repetition_penalty=settings.repeat_penalty, stop_token_ids=sorted(stop_tokens),
             logprobs=0, return_tokens_as_token_ids=True, skip_special_tokens=False)
         runs = []
-        for index, choice in enumerate(sorted(choices, key=lambda c: c["index"])):  # stable
+        for index, choice in enumerate(choices):
             tokens = [_token_id(t) for t in choice["logprobs"]["tokens"]]
             run = Generation(finish_reason=choice["finish_reason"] or "length")
             if run.finish_reason == "stop" and tokens and tokens[-1] in self._special:
@@ -408,7 +408,8 @@ class VLLMBackend(Backend):
     def _completions(self, prompts: list[list[int]], **fields) -> list[dict]:
         body = {"model": self.path, "prompt": prompts if len(prompts) > 1 else prompts[0],
                 **fields}
-        return self.client.post("/v1/completions", body)["choices"]
+        choices = self.client.post("/v1/completions", body)["choices"]
+        return sorted(choices, key=lambda c: c["index"])  # prompt index x n + sample index
 
 
 def _load_tokenizer(source: str):
