@@ -21,5 +21,5 @@ def connect(urls, **options):
     return connect_remote(urls, **options)
 
 
-__all__ = ["load", "connect", "SpectrumModel", "Sample", "TokenProb", "CandidateScore", "ScoreResult",
-           "SpectrumError", "InputError"]
+__all__ = ["load", "connect", "SpectrumModel", "Sample", "TokenProb", "CandidateScore",
+           "ScoreResult", "SpectrumError", "InputError"]

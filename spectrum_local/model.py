@@ -160,7 +160,7 @@ class SpectrumModel:
     def score(self, messages: Messages, candidates: Sequence[str]) -> ScoreResult:
         """P(candidate, then end-of-output | prompt) for each candidate, the coverage (their
         sum) and the normalised probabilities. Repeated candidates are scored once."""
-        candidates = _unique_candidates(candidates)
+        candidates = unique_candidates(candidates)
         parsed = formats.parse_messages(messages)
         prompt_tokens = self.tokenize(self._fmt.render(parsed))
         continuations: list[tuple[int, list[int]]] = []
@@ -191,7 +191,8 @@ class SpectrumModel:
             for text, lp, (own, _) in zip(candidates, scored, plan)])
 
 
-def _unique_candidates(candidates: Sequence[str]) -> list[str]:
+def unique_candidates(candidates: Sequence[str]) -> list[str]:
+    """The candidates, checked, each once (with a warning when some repeat)."""
     if isinstance(candidates, str):
         raise InputError("candidates must be a list of strings, not one string")
     unique = list(dict.fromkeys(candidates))

@@ -33,7 +33,7 @@ from . import formats
 from .backend import Backend, Generation, Path, PathResult
 from .engine import check_int
 from .errors import InputError, SpectrumError
-from .model import MAX_SAMPLES, SpectrumModel
+from .model import MAX_SAMPLES, SpectrumModel, unique_candidates
 from .server import MAX_N
 from .results import CandidateScore, Sample, ScoreResult, TokenProb
 
@@ -55,15 +55,16 @@ def connect(urls: str | Sequence[str], *, api_key: str | None = None,
     client = Client([urls] if isinstance(urls, str) else list(urls),
                     api_key if api_key is not None else os.environ.get("SPECTRUM_LOCAL_API_KEY"))
     try:
-        kinds = {replica: client.kind(replica) for replica in client.replicas}
+        answers = {replica: client.identify(replica) for replica in client.replicas}
+        kinds = {replica: (kind, name) for replica, (kind, name, _) in answers.items()}
         if len(set(kinds.values())) > 1:
             raise InputError("the servers do not all serve the same model: " + ", ".join(
                 f"{r.url} ({kind}: {name})" for r, (kind, name) in kinds.items()))
-        kind, name = next(iter(kinds.values()))
+        kind, name, details = answers[client.replicas[0]]
         if kind == "serve":
             if tokenizer:
                 raise InputError("--tokenizer is for vLLM; spectrum-local serve tokenises itself")
-            return ServedModel(client, client.get("/spectrum/v1/info"), format)
+            return ServedModel(client, details, format)
         backend = VLLMBackend(client, name, tokenizer)
         fmt = formats.get_format(format) if format else backend.detect_format()
         model = SpectrumModel(backend, fmt, format_from="--format" if format else "tokenizer")
@@ -114,16 +115,18 @@ class Client:
     def post(self, path: str, body: dict) -> dict:
         return self.request("POST", path, body)
 
-    def kind(self, replica: Replica) -> tuple[str, str]:
-        """("serve", model file name) or ("vllm", served model id) for one replica."""
+    def identify(self, replica: Replica) -> tuple[str, str, dict]:
+        """What one replica is: ("serve", model file name, its info) or ("vllm", served model
+        id, its /v1/models entry)."""
         try:  # one try: a wrong URL or a server not started is said at once
             info = self.request("GET", "/spectrum/v1/info", None, replica, attempts=1)
-            return "serve", os.path.basename(str(info.get("model")))  # folders differ by machine
+            # compared by file name: the folders differ from machine to machine
+            return "serve", os.path.basename(str(info.get("model"))), info
         except _NotFound:
             pass
         try:
-            listing = self.request("GET", "/v1/models", None, replica, attempts=1)
-            return "vllm", listing["data"][0]["id"]
+            entry = self.request("GET", "/v1/models", None, replica, attempts=1)["data"][0]
+            return "vllm", entry["id"], entry
         except (_NotFound, KeyError, IndexError, TypeError):
             raise InputError(f"{replica.url} is neither spectrum-local serve nor an OpenAI-"
                              "compatible server with /v1/models") from None
@@ -277,10 +280,8 @@ class ServedModel:
         return [TokenProb(**t) for t in answer["tokens"]]
 
     def score(self, messages, candidates: Sequence[str]) -> ScoreResult:
-        if isinstance(candidates, str):
-            raise InputError("candidates must be a list of strings, not one string")
         answer = self.client.post("/spectrum/v1/score", {
-            "messages": _message_dicts(messages), "candidates": list(candidates)})
+            "messages": _message_dicts(messages), "candidates": unique_candidates(candidates)})
         return ScoreResult(answer["coverage"],
                            [CandidateScore(**c) for c in answer["candidates"]])
 
