@@ -171,7 +171,37 @@ def main() -> None:
                  "the same lines with no prefix cache", t_batch, t_cold, "speed-up", "> 1",
                  t_cold / t_batch))
 
-    # 7-8. the converter against llama.cpp's own (its own processes; see bench_convert.py).
+    # 7. eval's steerability pass (one read per ordering) vs each k scored as its own prompt.
+    from spectrum_local.eval import evaluate, load_tasks, run_task
+
+    suite = load_tasks(suite="basic")
+    coin = next(t for t in suite if t.id == "biased-coin")
+
+    def steerability_pass():
+        engine.clear()
+        run_task(model, coin)
+
+    def each_k_alone():
+        for examples in coin.orders(0):
+            messages = coin.messages(examples)
+            outputs = [i for i, m in enumerate(messages) if m["role"] == "output"]
+            for k in coin.k:
+                engine.clear()
+                model.score(messages[:outputs[k]], [messages[outputs[k]]["content"]])
+
+    t_pass, t_alone = medians(steerability_pass, each_k_alone, repeats=3)
+    rows.append((f"eval steerability, {coin.orderings} orderings x k {list(coin.k)}",
+                 "each k scored as its own prompt", t_pass, t_alone, "speed-up", ">= 3x",
+                 t_alone / t_pass))
+
+    # 8. the whole built-in suite, once (its wall time is the number; no baseline).
+    engine.clear()
+    start = time.perf_counter()
+    evaluate(model, suite, progress=False)
+    rows.append((f"eval --suite basic ({len(suite)} tasks)", "-", time.perf_counter() - start,
+                 "-", "wall time", "", "-"))
+
+    # 9-10. the converter against llama.cpp's own (its own processes; see bench_convert.py).
     import bench_convert
 
     rows += bench_convert.rows()

@@ -138,24 +138,32 @@ def _parse_line(number: int, text: str, operation: str, defaults: dict) -> Job:
     return Job(number, ident, messages, options)
 
 
-def done_ids(out_path: Path) -> set[str]:
-    """Ids (as JSON text) already in the output. A torn last line, left by a killed job, is
+def finished_records(out_path: Path) -> list[dict]:
+    """The result lines already in an output file. A torn last line, left by a killed job, is
     cut off so that appending starts on a fresh line."""
     if not out_path.exists():
-        return set()
+        return []
     data = out_path.read_bytes()
     complete = data[:data.rfind(b"\n") + 1]
     if len(complete) < len(data):
         with open(out_path, "r+b") as f:
             f.truncate(len(complete))
-    ids = set()
+    records = []
     for number, raw in enumerate(complete.decode("utf-8", "replace").splitlines(), start=1):
         try:
-            ids.add(json.dumps(json.loads(raw)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+            record = json.loads(raw)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or "id" not in record:
             raise InputError(f"{out_path} line {number} is not a result line; "
-                             "is it the output of an earlier batch?") from None
-    return ids
+                             "is it the output of an earlier run?")
+        records.append(record)
+    return records
+
+
+def done_ids(out_path: Path) -> set[str]:
+    """Ids (as JSON text) already in the output."""
+    return {json.dumps(record["id"]) for record in finished_records(out_path)}
 
 
 def run_batch(model, operation: str, in_path: str, out_path: str, *, defaults: dict,
@@ -203,7 +211,7 @@ def run_batch(model, operation: str, in_path: str, out_path: str, *, defaults: d
                 if isinstance(outcome, InputError):
                     fail(job.line, str(outcome))
                 else:
-                    _write_line(sink, {"id": job.id, **outcome})
+                    write_line(sink, {"id": job.id, **outcome})
                     tokens = _tokens(outcome)
                     summary.done += 1
                     summary.tokens += tokens
@@ -252,7 +260,7 @@ def _tokens(result: dict) -> int:
     return sum(item["n_tokens"] for item in items)
 
 
-def _write_line(sink: TextIO, record: dict) -> None:
+def write_line(sink: TextIO, record: dict) -> None:
     # One write per line, flushed: a killed job never leaves a result half on disk except
     # possibly the line being written, which resume cuts off.
     sink.write(json.dumps(record, ensure_ascii=False) + "\n")

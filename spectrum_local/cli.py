@@ -378,6 +378,71 @@ def info(open_model, as_json):
         click.echo(f"{key.replace('_', ' '):<16} {value}")
 
 
+@cli.command("eval", epilog="""
+\b
+Examples:
+  spectrum-local eval --suite basic
+  spectrum-local eval tasks.jsonl --out results.jsonl --plot results.png
+  spectrum-local eval --suite basic -m model-Q4_K_M.gguf --vs model-F16.gguf
+""")
+@click.argument("tasks_file", required=False, metavar="[TASKS.jsonl]")
+@click.option("--suite", type=click.Choice(["basic"]),
+              help="A built-in suite whose true distributions are known exactly (dice, coins, "
+                   "uniform choices, an urn; generation with validators; a biased coin's "
+                   "examples).")
+@click.option("--vs", "vs_model", metavar="GGUF",
+              help="Run the same tasks on a second model and compare: JS divergence between "
+                   "the two models' candidate distributions, first-token KL(model || vs), "
+                   "and each metric's difference (vs - model).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the samples of generation tasks and the example orderings of "
+                   "steerability tasks.")
+@click.option("--no-end-token", "no_end_token", is_flag=True,
+              help="Score candidates without the end-of-output token, as the paper's "
+                   "eval_distributional.py does (see the README: then a candidate's "
+                   "probability includes every longer output it begins).")
+@click.option("--out", "out_file", metavar="OUT.jsonl", type=click.Path(dir_okay=False),
+              help="Append each task's result to OUT.jsonl as it completes.")
+@click.option("--resume", is_flag=True,
+              help="With --out: keep the results already in OUT and run the other tasks.")
+@click.option("--plot", "plot_file", metavar="FILE.png", type=click.Path(dir_okay=False),
+              help="Draw target vs model distributions and the steerability curves "
+                   "(needs the eval extra: matplotlib).")
+@local_model_options
+@json_option
+def evaluate(tasks_file, suite, vs_model, seed, no_end_token, out_file, resume, plot_file,
+             model, format_name, gpu_layers, threads, ctx_size, as_json):
+    """Measure how well the model matches distributions.
+
+    TASKS.jsonl holds one task per line: "distribution" (candidates and their true
+    probabilities: coverage, JS and KL divergence, cross-entropy, mode match), "generation"
+    (n samples and a validator: validity, uniqueness, collisions, entropy) or "steerability"
+    (examples: the loss of example k+1 given the first k). The README gives the format and
+    the formulas.
+    """
+    from .eval import evaluate as run_eval, load_tasks
+
+    if resume and not out_file:
+        raise click.UsageError("--resume goes with --out")
+    tasks = load_tasks(tasks_file, suite)  # bad lines fail before a model is loaded
+    if plot_file:
+        from .plot import check_available
+        check_available()
+    first = _load(model, format_name, gpu_layers, threads, ctx_size)
+    second = _load(vs_model, None, gpu_layers, threads, ctx_size) if vs_model else None
+    report = run_eval(first, tasks, vs=second, seed=seed, end_token=not no_end_token,
+                      out=out_file, resume=resume).to_dict()
+    if plot_file:
+        from .plot import plot_report
+        plot_report(report, plot_file)
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False))
+    else:
+        click.echo(display.eval_tables(report))
+    if plot_file:
+        click.echo(f"plot: {plot_file}", err=True)
+
+
 @cli.command(epilog="""
 \b
 Examples:

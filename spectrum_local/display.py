@@ -57,6 +57,114 @@ def top_table(tokens: Sequence[TokenProb]) -> str:
     return "\n".join(lines)
 
 
+def eval_tables(report: dict) -> str:
+    """An eval report (``EvalReport.to_dict()``) as one table per task type, each task a row
+    with a bar for its headline number, then the mean over the type's tasks."""
+    compared = "vs" in report
+    columns = _COMPARE_COLUMNS if compared else _EVAL_COLUMNS
+    sections = []
+    for kind, spec in columns.items():
+        rows = [t for t in report["tasks"] if t["type"] == kind]
+        if not rows:
+            continue
+        means = report["summary"][kind]
+        mean_row = {"id": f"mean of {len(rows)}", "metrics": means} if not compared else \
+            {**means, "id": f"mean of {len(rows)}", "a": {"metrics": means["a"]},
+             "b": {"metrics": means["b"]}}
+        sections.append(_table(kind, spec, rows, mean_row))
+    if compared:
+        sections.append(f"a = {report['model']}\nb = {report['vs']}")
+    return "\n\n".join(sections)
+
+
+def _number(digits: int = 3):
+    def show(value) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+    return show
+
+
+def _metric(name: str, show=_number(), model: str | None = None):
+    """A column reading ``metrics[name]`` (of model "a" or "b" in a comparison)."""
+    def get(row: dict):
+        source = row[model] if model else row
+        return show(source["metrics"].get(name))
+    return get
+
+
+def _field(name: str, show=_number()):
+    return lambda row: show(row[name]) if name in row else ""
+
+
+def _sparkline(values) -> str:
+    """A tiny curve: one block per value, scaled between the smallest and the largest."""
+    blocks = "▁▂▃▄▅▆▇█"
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(blocks[round((v - low) / span * 7)] for v in values)
+
+
+def _PERCENT(value) -> str:
+    return "n/a" if value is None else percent(value)
+
+
+
+_JS_BAR = ("JS / ln 2", lambda row: bar(row["metrics"]["js_divergence"] / 0.6931471805599453, 20)
+           if "js_divergence" in row.get("metrics", {}) and row["metrics"]["js_divergence"]
+           is not None else "")
+_EVAL_COLUMNS = {
+    "distribution": [("coverage", _metric("coverage", _PERCENT)),
+                     ("JS", _metric("js_divergence")), ("KL", _metric("kl_divergence")),
+                     ("cross-ent", _metric("cross_entropy")),
+                     ("mode", _metric("mode_match", _number(2))),
+                     ("repr", _metric("representativeness")), _JS_BAR],
+    "generation": [("valid", _metric("valid_fraction", _PERCENT)),
+                   ("unique/valid", _metric("unique_of_valid", _PERCENT)),
+                   ("unique", _metric("unique_valid", _number(1))),
+                   ("set cov", _metric("valid_set_coverage", _PERCENT)),
+                   ("collision", _metric("pairwise_collision")),
+                   ("entropy", _metric("normalized_entropy")),
+                   ("cut", _field("cut_at_max_tokens", _number(0))),
+                   ("valid", lambda row: bar(row["metrics"]["valid_fraction"], 20)
+                    if row["metrics"].get("valid_fraction") is not None else "")],
+    "steerability": [("loss k0", _metric("first_loss")), ("loss kmax", _metric("last_loss")),
+                     ("excess", _metric("excess_loss")), ("slope/k", _metric("slope", _number(4))),
+                     ("loss vs k", lambda row: _sparkline(row["loss"]) if "loss" in row else "")],
+}
+_COMPARE_COLUMNS = {
+    "distribution": [("JS(a,b)", _field("js_between", _number(4))),
+                     ("KL 1st tok", _field("first_token_kl", _number(4))),
+                     ("JS a", _metric("js_divergence", model="a")),
+                     ("JS b", _metric("js_divergence", model="b")),
+                     ("cov a", _metric("coverage", model="a")),
+                     ("cov b", _metric("coverage", model="b")),
+                     ("JS(a,b) / ln 2", lambda row: bar(row["js_between"] / 0.6931471805599453, 20)
+                      if row.get("js_between") is not None else "")],
+    "generation": [("KL 1st tok", _field("first_token_kl", _number(4))),
+                   ("valid a", _metric("valid_fraction", _PERCENT, "a")),
+                   ("valid b", _metric("valid_fraction", _PERCENT, "b")),
+                   ("uniq/valid a", _metric("unique_of_valid", _PERCENT, "a")),
+                   ("uniq/valid b", _metric("unique_of_valid", _PERCENT, "b"))],
+    "steerability": [("KL 1st tok", _field("first_token_kl", _number(4))),
+                     ("loss kmax a", _metric("last_loss", model="a")),
+                     ("loss kmax b", _metric("last_loss", model="b")),
+                     ("slope a", _metric("slope", _number(4), "a")),
+                     ("slope b", _metric("slope", _number(4), "b"))],
+}
+
+
+def _table(kind: str, columns, rows: list[dict], mean_row: dict) -> str:
+    cells = [[str(r["id"])] + [get(r) for _, get in columns] for r in [*rows, mean_row]]
+    headers = [kind] + [header for header, _ in columns]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    last = len(headers) - 1
+
+    def line(values) -> str:
+        return "  ".join(v.ljust(widths[i]) if i in (0, last) else v.rjust(widths[i])
+                         for i, v in enumerate(values)).rstrip()
+    rule = "-" * (sum(widths) + 2 * last)
+    return "\n".join([line(headers), rule, *(line(c) for c in cells[:-1]), rule, line(cells[-1])])
+
+
 def sample_list(samples: Sequence[Sample]) -> str:
     lines = []
     for i, s in enumerate(samples, start=1):

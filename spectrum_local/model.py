@@ -157,16 +157,21 @@ class SpectrumModel:
         best = self.engine.next_tokens(self.prompt_tokens(messages, prefix), k)
         return [TokenProb(self.engine.token_text(t), t, math.exp(lp), lp) for t, lp in best]
 
-    def score(self, messages: Messages, candidates: Sequence[str]) -> ScoreResult:
+    def score(self, messages: Messages, candidates: Sequence[str], *,
+              end_token: bool = True) -> ScoreResult:
         """P(candidate, then end-of-output | prompt) for each candidate, the coverage (their
-        sum) and the normalised probabilities. Repeated candidates are scored once."""
+        sum) and the normalised probabilities. Repeated candidates are scored once.
+        ``end_token=False`` leaves the end-of-output token out (the paper's evaluation scripts
+        do): then a candidate's probability includes every longer output it begins, and the
+        coverage can exceed 1."""
         candidates = unique_candidates(candidates)
         parsed = formats.parse_messages(messages)
         prompt_tokens = self.tokenize(self._fmt.render(parsed))
         continuations: list[tuple[int, list[int]]] = []
         plan = []  # per candidate: (its continuation, the prompt part it re-spells or None)
         for text in candidates:
-            full = self.tokenize(self._fmt.render(parsed, candidate=text))
+            ending = {"candidate": text} if end_token else {"output_prefix": text}
+            full = self.tokenize(self._fmt.render(parsed, **ending))
             start = common_prefix(prompt_tokens, full)
             own, respelled = len(continuations), None
             continuations.append((start, full[start:]))
@@ -189,6 +194,39 @@ class SpectrumModel:
             CandidateScore(text, lp, math.exp(lp), math.exp(lp - log_coverage),
                            len(continuations[own][1]))
             for text, lp, (own, _) in zip(candidates, scored, plan)])
+
+    def output_logprobs(self, messages: Messages) -> list[float]:
+        """For each output message: log P(its text, then end-of-output | the messages before
+        it), the same number ``score`` gives it as a candidate after those messages. One read
+        along the whole conversation gives them all (the paper's in-context loss per example,
+        negated: how well the outputs seen so far predict the next one)."""
+        parsed = formats.parse_messages(messages)
+        conversation = self.tokenize(self._fmt.render(parsed, output_prefix=None))
+        spans = []  # per output: (first token, end, index of its re-spelled part or None)
+        respelled: list[tuple[int, list[int]]] = []
+        for i, message in enumerate(parsed):
+            if message.role != "output":
+                continue
+            prompt = self.tokenize(self._fmt.render(parsed[:i]))
+            full = self.tokenize(self._fmt.render(parsed[:i], candidate=message.content))
+            # Text runs end at control tokens and are tokenised alone, so the conversation
+            # begins with exactly the tokens of this prompt and output.
+            assert conversation[:len(full)] == full
+            start = common_prefix(prompt, full)
+            index = None
+            if start < len(prompt):  # the output merged into the prompt's last text (see score)
+                index = len(respelled) + 1
+                respelled.append((start, prompt[start:]))
+            spans.append((start, len(full), index))
+        if not spans:
+            raise InputError("no output messages: nothing to score")
+        first = min(start for start, _, _ in spans)
+        logprobs = self.engine.continuation_logprobs(
+            conversation, [(first, conversation[first:]), *respelled])
+        along = logprobs[0]  # the log-probability of conversation[p] is along[p - first]
+        return [float(along[start - first:end - first].sum())
+                - (float(logprobs[index].sum()) if index is not None else 0.0)
+                for start, end, index in spans]
 
 
 def unique_candidates(candidates: Sequence[str]) -> list[str]:

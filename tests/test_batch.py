@@ -10,7 +10,7 @@ from io import StringIO
 
 import pytest
 from conftest import DICE
-from test_model import EXACT, FEW_SHOT
+from conftest import EXACT, FEW_SHOT
 
 from spectrum_local.batch import run_batch
 from spectrum_local.display import Progress

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import DICE, FEW_SHOT, PROMPTS
+from conftest import DICE, EXACT, FEW_SHOT, PROMPTS
 from naive import naive_llama, naive_score, prompt_and_full_tokens, sequence_logprob
 
 import spectrum_local
@@ -25,16 +25,6 @@ from spectrum_local.engine import SamplerSettings, common_prefix
 from spectrum_local.formats import GEMMA3, parse_messages
 
 FAMILIES = ("gemma3", "llama3", "qwen3")
-# F32 engine vs F32 naive path, per candidate: measured 1.5e-5 nats (gemma3, whose GELU is an
-# f16 table) and 5e-7 (llama3, qwen3) on an AMD EPYC with extra buffer types on and off; a wrong
-# token, position, sequence or a missing end token costs whole nats on these models.
-EXACT = 1e-3
-
-@pytest.fixture(scope="module")
-def naive_f32(f32):
-    """family -> the naive reference on the same F32 file, with an F32 KV cache like the engine."""
-    return {name: naive_llama(str(path), f32_cache=True) for name, path in f32.items()}
-
 
 @pytest.fixture(scope="module")
 def naive(model):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import scipy.stats
-from conftest import DICE, FEW_SHOT, SERVED_FAMILY
+from conftest import DICE, EXACT, FEW_SHOT, SERVED_FAMILY
 from servers import free_port, running_server, serve_command, serve_env, start, stop
 
 import spectrum_local
@@ -25,7 +25,6 @@ from spectrum_local.remote import ServedModel
 
 pytestmark = pytest.mark.http
 
-EXACT = 1e-3  # F32: as in test_model.py
 FAMILY = SERVED_FAMILY
 CLI = [sys.executable, "-m", "spectrum_local"]
 

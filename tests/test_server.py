@@ -19,14 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import DICE, FEW_SHOT, PROMPTS, SERVED_FAMILY
+from conftest import DICE, EXACT, FEW_SHOT, PROMPTS, SERVED_FAMILY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from servers import free_port, running_server
 
 pytestmark = pytest.mark.http  # the HTTP layer: run once by `make test`, not per CPU setting
 
-EXACT = 1e-3  # F32: as in test_model.py
 FAMILY = SERVED_FAMILY
 STRESS_SECONDS = float(os.environ.get("SPECTRUM_LOCAL_STRESS_SECONDS", 60))
 
