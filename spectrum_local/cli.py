@@ -26,6 +26,7 @@ Examples:
   spectrum-local top -d "A random US state" -k 10
   spectrum-local score -c 1..5 --batch in.jsonl --out out.jsonl --server http://gpu-box:8000
   spectrum-local info --model spectrum-gemma-3-12b-v1-Q4_K_M.gguf
+  spectrum-local eval --suite basic --vs spectrum-gemma-3-12b-v1-F16.gguf
   spectrum-local convert tsor13/spectrum-gemma-3-12b-v1 --outtype q4_k_m
 """
 

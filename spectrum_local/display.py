@@ -108,9 +108,16 @@ def _PERCENT(value) -> str:
 
 
 
-_JS_BAR = ("JS / ln 2", lambda row: bar(row["metrics"]["js_divergence"] / 0.6931471805599453, 20)
-           if "js_divergence" in row.get("metrics", {}) and row["metrics"]["js_divergence"]
-           is not None else "")
+class _Bar(str):
+    """A column header whose cells are bars (left-aligned)."""
+
+
+def _bar_of(value, scale: float = 1.0) -> str:
+    return "" if value is None else bar(value / scale, 20)
+
+
+_LN2 = 0.6931471805599453  # the largest JS divergence
+_JS_BAR = (_Bar("JS / ln 2"), lambda row: _bar_of(row["metrics"].get("js_divergence"), _LN2))
 _EVAL_COLUMNS = {
     "distribution": [("coverage", _metric("coverage", _PERCENT)),
                      ("JS", _metric("js_divergence")), ("KL", _metric("kl_divergence")),
@@ -124,21 +131,20 @@ _EVAL_COLUMNS = {
                    ("collision", _metric("pairwise_collision")),
                    ("entropy", _metric("normalized_entropy")),
                    ("cut", _field("cut_at_max_tokens", _number(0))),
-                   ("valid", lambda row: bar(row["metrics"]["valid_fraction"], 20)
-                    if row["metrics"].get("valid_fraction") is not None else "")],
+                   (_Bar("valid"), lambda row: _bar_of(row["metrics"].get("valid_fraction")))],
     "steerability": [("loss k0", _metric("first_loss")), ("loss kmax", _metric("last_loss")),
                      ("excess", _metric("excess_loss")), ("slope/k", _metric("slope", _number(4))),
-                     ("loss vs k", lambda row: _sparkline(row["loss"]) if "loss" in row else "")],
+                     (_Bar("loss vs k"), lambda row: _sparkline(row["loss"]) if "loss" in row
+                      else "")],
 }
 _COMPARE_COLUMNS = {
     "distribution": [("JS(a,b)", _field("js_between", _number(4))),
                      ("KL 1st tok", _field("first_token_kl", _number(4))),
                      ("JS a", _metric("js_divergence", model="a")),
                      ("JS b", _metric("js_divergence", model="b")),
-                     ("cov a", _metric("coverage", model="a")),
-                     ("cov b", _metric("coverage", model="b")),
-                     ("JS(a,b) / ln 2", lambda row: bar(row["js_between"] / 0.6931471805599453, 20)
-                      if row.get("js_between") is not None else "")],
+                     ("cov a", _metric("coverage", _PERCENT, "a")),
+                     ("cov b", _metric("coverage", _PERCENT, "b")),
+                     (_Bar("JS(a,b) / ln 2"), lambda row: _bar_of(row.get("js_between"), _LN2))],
     "generation": [("KL 1st tok", _field("first_token_kl", _number(4))),
                    ("valid a", _metric("valid_fraction", _PERCENT, "a")),
                    ("valid b", _metric("valid_fraction", _PERCENT, "b")),
@@ -156,12 +162,12 @@ def _table(kind: str, columns, rows: list[dict], mean_row: dict) -> str:
     cells = [[str(r["id"])] + [get(r) for _, get in columns] for r in [*rows, mean_row]]
     headers = [kind] + [header for header, _ in columns]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    last = len(headers) - 1
+    left = [i == 0 or isinstance(h, _Bar) for i, h in enumerate(headers)]
 
     def line(values) -> str:
-        return "  ".join(v.ljust(widths[i]) if i in (0, last) else v.rjust(widths[i])
+        return "  ".join(v.ljust(widths[i]) if left[i] else v.rjust(widths[i])
                          for i, v in enumerate(values)).rstrip()
-    rule = "-" * (sum(widths) + 2 * last)
+    rule = "-" * (sum(widths) + 2 * (len(headers) - 1))
     return "\n".join([line(headers), rule, *(line(c) for c in cells[:-1]), rule, line(cells[-1])])
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 import random
 import re
 import warnings
@@ -22,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Union
 
 import numpy as np
 
@@ -301,11 +302,14 @@ class TaskResult(_Result):
 
 def run_task(model: SpectrumModel, task: Task, *, seed: int = 0,
              end_token: bool = True) -> TaskResult:
-    if isinstance(task, DistributionTask):
-        return _run_distribution(model, task, end_token)
-    if isinstance(task, GenerationTask):
-        return _run_generation(model, task, seed)
-    return _run_steerability(model, task, seed)
+    try:
+        if isinstance(task, DistributionTask):
+            return _run_distribution(model, task, end_token)
+        if isinstance(task, GenerationTask):
+            return _run_generation(model, task, seed)
+        return _run_steerability(model, task, seed)
+    except InputError as e:  # e.g. a prompt longer than the context: say which task
+        raise InputError(f"task {task.id!r}: {e}") from None
 
 
 def _run_distribution(model: SpectrumModel, task: DistributionTask,
@@ -352,8 +356,9 @@ def _run_generation(model: SpectrumModel, task: GenerationTask, seed: int) -> Ta
 def _run_steerability(model: SpectrumModel, task: SteerabilityTask, seed: int) -> TaskResult:
     by_ordering = []
     for examples in task.orders(seed):
-        losses = [-lp for lp in model.output_logprobs(task.messages(examples))]
-        by_ordering.append([losses[k] for k in task.k])
+        # Example k+1 is output number k: one read per ordering, logits only where needed.
+        logprobs = model.output_logprobs(task.messages(examples), outputs=task.k)
+        by_ordering.append([-lp for lp in logprobs])
     curve = np.mean(by_ordering, axis=0).tolist()
     values = {"first_loss": curve[0], "last_loss": curve[-1],
               "slope": metrics.slope(task.k, curve)}
@@ -483,8 +488,7 @@ def _means(rows: list[dict]) -> dict:
 
 def evaluate(model: SpectrumModel, tasks: list[Task], *, vs: SpectrumModel | None = None,
              seed: int = 0, end_token: bool = True, out: str | None = None,
-             resume: bool = False, progress: bool = True,
-             on_result: Callable[[object], None] | None = None) -> EvalReport:
+             resume: bool = False, progress: bool = True) -> EvalReport:
     """Run ``tasks`` on ``model`` (and compare with ``vs``). With ``out``, each task's result
     is appended to that JSONL file as it completes; ``resume`` reads the results already
     there (from the same models and settings) and runs only the rest."""
@@ -499,7 +503,7 @@ def evaluate(model: SpectrumModel, tasks: list[Task], *, vs: SpectrumModel | Non
     results = []
     todo = [t for t in tasks if json.dumps(t.id) not in done]
     with Progress(len(todo), enabled=progress) as bar, \
-            (open(out, "a" if resume else "x", encoding="utf-8") if out else _nowhere()) as sink:
+            (open(out, "a" if resume else "x", encoding="utf-8") if out else nullcontext()) as sink:
         for task in tasks:
             key = json.dumps(task.id)
             if key in done:
@@ -510,8 +514,6 @@ def evaluate(model: SpectrumModel, tasks: list[Task], *, vs: SpectrumModel | Non
                 if sink is not None:
                     write_line(sink, {**run, **result.to_dict()})
                 bar.advance()
-            if on_result:
-                on_result(result)
             results.append(result)
     return EvalReport(model.path, model.format, seed, end_token, results,
                       vs.path if vs else None)
@@ -537,17 +539,3 @@ def _read_done(out: str, run: dict, tasks: list[Task]) -> dict:
             {k: v for k, v in record.items() if k not in run})
     return done
 
-
-class _nowhere:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def results_by_type(report: EvalReport) -> Iterator[tuple[str, list]]:
-    for kind in FIELDS:
-        results = [r for r in report.tasks if r.type == kind]
-        if results:
-            yield kind, results

@@ -167,66 +167,71 @@ class SpectrumModel:
         candidates = unique_candidates(candidates)
         parsed = formats.parse_messages(messages)
         prompt_tokens = self.tokenize(self._fmt.render(parsed))
-        continuations: list[tuple[int, list[int]]] = []
-        plan = []  # per candidate: (its continuation, the prompt part it re-spells or None)
+        reads = _Reads()
         for text in candidates:
             ending = {"candidate": text} if end_token else {"output_prefix": text}
-            full = self.tokenize(self._fmt.render(parsed, **ending))
-            start = common_prefix(prompt_tokens, full)
-            own, respelled = len(continuations), None
-            continuations.append((start, full[start:]))
-            if start < len(prompt_tokens):
-                # The tokenizer merged the candidate into the prompt's last text, so the scored
-                # tokens re-spell part of the prompt: divide by that part's own probability.
-                respelled = len(continuations)
-                continuations.append((start, prompt_tokens[start:]))
-            plan.append((own, respelled))
-        logprobs = self.engine.continuation_logprobs(prompt_tokens, continuations)
-        scored = []
-        for own, respelled in plan:
-            logprob = float(logprobs[own].sum())
-            if respelled is not None:
-                logprob -= float(logprobs[respelled].sum())
-            scored.append(logprob)
+            reads.add(prompt_tokens, self.tokenize(self._fmt.render(parsed, **ending)))
+        scored = reads.logprobs(self.engine, prompt_tokens)
         # In log space, so normalisation holds even when every probability underflows.
         log_coverage = float(logsumexp(np.array(scored)))
         return ScoreResult(math.exp(log_coverage), [
-            CandidateScore(text, lp, math.exp(lp), math.exp(lp - log_coverage),
-                           len(continuations[own][1]))
-            for text, lp, (own, _) in zip(candidates, scored, plan)])
+            CandidateScore(text, lp, math.exp(lp), math.exp(lp - log_coverage), n_tokens)
+            for text, lp, n_tokens in zip(candidates, scored, reads.n_tokens)])
 
-    def output_logprobs(self, messages: Messages) -> list[float]:
-        """For each output message: log P(its text, then end-of-output | the messages before
-        it), the same number ``score`` gives it as a candidate after those messages. One read
-        along the whole conversation gives them all (the paper's in-context loss per example,
-        negated: how well the outputs seen so far predict the next one)."""
+    def output_logprobs(self, messages: Messages,
+                        outputs: Sequence[int] | None = None) -> list[float]:
+        """For each output message (or those numbered in ``outputs``, counting outputs from
+        0): log P(its text, then end-of-output | the messages before it), the number ``score``
+        gives it as a candidate after those messages. One read along the conversation gives
+        them all, decoding each token once (the paper's in-context loss per example, negated:
+        how well the outputs before it predict the next one)."""
         parsed = formats.parse_messages(messages)
-        conversation = self.tokenize(self._fmt.render(parsed, output_prefix=None))
-        spans = []  # per output: (first token, end, index of its re-spelled part or None)
-        respelled: list[tuple[int, list[int]]] = []
-        for i, message in enumerate(parsed):
-            if message.role != "output":
-                continue
-            prompt = self.tokenize(self._fmt.render(parsed[:i]))
-            full = self.tokenize(self._fmt.render(parsed[:i], candidate=message.content))
-            # Text runs end at control tokens and are tokenised alone, so the conversation
-            # begins with exactly the tokens of this prompt and output.
-            assert conversation[:len(full)] == full
-            start = common_prefix(prompt, full)
-            index = None
-            if start < len(prompt):  # the output merged into the prompt's last text (see score)
-                index = len(respelled) + 1
-                respelled.append((start, prompt[start:]))
-            spans.append((start, len(full), index))
-        if not spans:
+        positions = [i for i, m in enumerate(parsed) if m.role == "output"]
+        if not positions:
             raise InputError("no output messages: nothing to score")
-        first = min(start for start, _, _ in spans)
-        logprobs = self.engine.continuation_logprobs(
-            conversation, [(first, conversation[first:]), *respelled])
-        along = logprobs[0]  # the log-probability of conversation[p] is along[p - first]
-        return [float(along[start - first:end - first].sum())
-                - (float(logprobs[index].sum()) if index is not None else 0.0)
-                for start, end, index in spans]
+        wanted = range(len(positions)) if outputs is None else outputs
+        for n in wanted:
+            check_int("output number", n, 0, len(positions) - 1)
+        conversation = self.tokenize(self._fmt.render(parsed, output_prefix=None))
+        reads = _Reads()
+        for n in wanted:
+            i = positions[n]
+            full = self.tokenize(self._fmt.render(parsed[:i], candidate=parsed[i].content))
+            # Text runs end at control tokens and are tokenised alone, so the conversation
+            # begins with exactly these tokens: every output is a path along it, and the
+            # engine decodes the tokens the paths share once.
+            assert conversation[:len(full)] == full
+            reads.add(self.tokenize(self._fmt.render(parsed[:i])), full)
+        return reads.logprobs(self.engine, conversation)
+
+
+class _Reads:
+    """The continuations that give log P(full[len(prompt):] | prompt) for (prompt, full)
+    pairs whose prompts are prefixes of one read's tokens, read together."""
+
+    def __init__(self):
+        self.continuations: list[tuple[int, list[int]]] = []
+        self.plan: list[tuple[int, int | None]] = []  # (own, re-spelled prompt part or None)
+        self.n_tokens: list[int] = []  # the tokens scored for each
+
+    def add(self, prompt: list[int], full: list[int]) -> None:
+        start = common_prefix(prompt, full)
+        own, respelled = len(self.continuations), None
+        self.continuations.append((start, full[start:]))
+        if start < len(prompt):
+            # The tokenizer merged the continuation into the prompt's last text, so the scored
+            # tokens re-spell part of the prompt: divide by that part's own probability.
+            respelled = len(self.continuations)
+            self.continuations.append((start, prompt[start:]))
+        self.plan.append((own, respelled))
+        self.n_tokens.append(len(full) - start)
+
+    def logprobs(self, engine: Backend, tokens: list[int]) -> list[float]:
+        """Each pair's log-probability, from one read along ``tokens`` (left in the cache)."""
+        logprobs = engine.continuation_logprobs(tokens, self.continuations)
+        return [float(logprobs[own].sum())
+                - (float(logprobs[respelled].sum()) if respelled is not None else 0.0)
+                for own, respelled in self.plan]
 
 
 def unique_candidates(candidates: Sequence[str]) -> list[str]:

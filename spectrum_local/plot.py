@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 
+from .display import percent
 from .errors import InputError, SpectrumError
 
 COLUMNS = 3
@@ -98,7 +99,9 @@ def _distribution(ax, runs: list) -> None:
                   ha="right" if many or long else "center", va="center" if many else "top",
                   rotation_mode="anchor")
     js = " / ".join(_num(run["metrics"].get("js_divergence"), ".3f") for _, run in runs)
-    coverage = " / ".join(_num(run["metrics"].get("coverage"), ".0%") for _, run in runs)
+    # percent() keeps a tiny coverage (a base model's 1e-15) readable instead of "0%"
+    coverage = " / ".join("n/a" if run["metrics"].get("coverage") is None
+                          else percent(run["metrics"]["coverage"]) for _, run in runs)
     ax.set_title(f"{_text(first['id'])}\nJS {js} · coverage {coverage}", fontsize=10)
     ax.set_ylabel("probability")
     ax.set_xlim(-0.6, len(candidates) - 0.4)

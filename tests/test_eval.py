@@ -263,6 +263,10 @@ def test_output_logprobs_equal_separate_scores_from_one_read(f32_models, naive_f
                                    .candidates[0].logprob, abs=EXACT)
         assert lp == pytest.approx(naive_logprob(model, naive_f32[family], messages[:i],
                                                  messages[i]["content"]), abs=EXACT)
+    assert model.output_logprobs(messages, outputs=[3, 0]) == pytest.approx(
+        [logprobs[3], logprobs[0]], abs=EXACT)
+    with pytest.raises(InputError, match="output number must be between 0 and 4"):
+        model.output_logprobs(messages, outputs=[5])
     # One read along the conversation (plus any re-spelled prompt ends), not a prompt per output.
     conversation = model.tokenize(model._fmt.render(parse_messages(messages), output_prefix=None))
     assert evaluated <= len(conversation) + 4
@@ -331,9 +335,7 @@ def test_resume_runs_only_the_missing_tasks(f32_models, tmp_path):
         evaluate(model, tasks, seed=3, out=str(out), progress=False)
     with pytest.raises(InputError, match="another run.*seed 3"):
         evaluate(model, tasks, seed=4, out=str(out), resume=True, progress=False)
-    ran = []
-    resumed = evaluate(model, tasks, seed=3, out=str(out), resume=True, progress=False,
-                       on_result=ran.append).to_dict()
+    resumed = evaluate(model, tasks, seed=3, out=str(out), resume=True, progress=False).to_dict()
     lines = out.read_bytes().splitlines(keepends=True)
     assert b"".join(lines[:2]) == first_two and len(lines) == 3
     assert json.loads(lines[2])["id"] == "t2"
@@ -393,6 +395,24 @@ def test_compare_a_model_with_itself_is_zero(f32_models):
         assert all(v == pytest.approx(0, abs=1e-6) for v in comparison.diff.values())
         if comparison.js_between is not None:
             assert comparison.js_between == pytest.approx(0, abs=1e-9)
+
+
+def test_cli_compare(f32, qwen3_q8_0, tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("\n".join(task_line(id=name, **t) for name, t in
+                              [("dice", DIST), ("gen", GEN), ("fruit", STEER)]) + "\n")
+    cli = [sys.executable, "-m", "spectrum_local", "eval", str(path), "--model", str(f32["qwen3"]),
+           "--vs", qwen3_q8_0.path]
+    proc = subprocess.run(cli, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    text = proc.stdout.decode()
+    for needle in ("JS(a,b)", "KL 1st tok", f"a = {f32['qwen3']}", f"b = {qwen3_q8_0.path}"):
+        assert needle in text
+    report = json.loads(subprocess.run([*cli, "--json"], capture_output=True, timeout=300).stdout)
+    assert report["vs"] == qwen3_q8_0.path
+    assert {t["type"] for t in report["tasks"]} == {"distribution", "generation", "steerability"}
+    assert all(0 <= t["first_token_kl"] < 0.5 for t in report["tasks"])
+    assert set(report["summary"]["distribution"]) >= {"a", "b", "diff", "js_between"}
 
 
 # --- the command, on the default model --------------------------------------------------------
