@@ -103,9 +103,8 @@ def _sparkline(values) -> str:
     return "".join(blocks[round((v - low) / span * 7)] for v in values)
 
 
-def _PERCENT(value) -> str:
+def _share(value) -> str:
     return "n/a" if value is None else percent(value)
-
 
 
 class _Bar(str):
@@ -117,17 +116,18 @@ def _bar_of(value, scale: float = 1.0) -> str:
 
 
 _LN2 = 0.6931471805599453  # the largest JS divergence
-_JS_BAR = (_Bar("JS / ln 2"), lambda row: _bar_of(row["metrics"].get("js_divergence"), _LN2))
 _EVAL_COLUMNS = {
-    "distribution": [("coverage", _metric("coverage", _PERCENT)),
+    "distribution": [("coverage", _metric("coverage", _share)),
                      ("JS", _metric("js_divergence")), ("KL", _metric("kl_divergence")),
                      ("cross-ent", _metric("cross_entropy")),
                      ("mode", _metric("mode_match", _number(2))),
-                     ("repr", _metric("representativeness")), _JS_BAR],
-    "generation": [("valid", _metric("valid_fraction", _PERCENT)),
-                   ("unique/valid", _metric("unique_of_valid", _PERCENT)),
+                     ("repr", _metric("representativeness")),
+                     (_Bar("JS / ln 2"),
+                      lambda row: _bar_of(row["metrics"].get("js_divergence"), _LN2))],
+    "generation": [("valid", _metric("valid_fraction", _share)),
+                   ("unique/valid", _metric("unique_of_valid", _share)),
                    ("unique", _metric("unique_valid", _number(1))),
-                   ("set cov", _metric("valid_set_coverage", _PERCENT)),
+                   ("set cov", _metric("valid_set_coverage", _share)),
                    ("collision", _metric("pairwise_collision")),
                    ("entropy", _metric("normalized_entropy")),
                    ("cut", _field("cut_at_max_tokens", _number(0))),
@@ -142,14 +142,14 @@ _COMPARE_COLUMNS = {
                      ("KL 1st tok", _field("first_token_kl", _number(4))),
                      ("JS a", _metric("js_divergence", model="a")),
                      ("JS b", _metric("js_divergence", model="b")),
-                     ("cov a", _metric("coverage", _PERCENT, "a")),
-                     ("cov b", _metric("coverage", _PERCENT, "b")),
+                     ("cov a", _metric("coverage", _share, "a")),
+                     ("cov b", _metric("coverage", _share, "b")),
                      (_Bar("JS(a,b) / ln 2"), lambda row: _bar_of(row.get("js_between"), _LN2))],
     "generation": [("KL 1st tok", _field("first_token_kl", _number(4))),
-                   ("valid a", _metric("valid_fraction", _PERCENT, "a")),
-                   ("valid b", _metric("valid_fraction", _PERCENT, "b")),
-                   ("uniq/valid a", _metric("unique_of_valid", _PERCENT, "a")),
-                   ("uniq/valid b", _metric("unique_of_valid", _PERCENT, "b"))],
+                   ("valid a", _metric("valid_fraction", _share, "a")),
+                   ("valid b", _metric("valid_fraction", _share, "b")),
+                   ("uniq/valid a", _metric("unique_of_valid", _share, "a")),
+                   ("uniq/valid b", _metric("unique_of_valid", _share, "b"))],
     "steerability": [("KL 1st tok", _field("first_token_kl", _number(4))),
                      ("loss kmax a", _metric("last_loss", model="a")),
                      ("loss kmax b", _metric("last_loss", model="b")),
