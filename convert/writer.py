@@ -8,7 +8,6 @@ memory holds no whole tensor (only tensors a family transforms are loaded whole)
 from __future__ import annotations
 
 import math
-import mmap
 import struct
 import sys
 from collections import deque
@@ -23,6 +22,7 @@ from gguf.utility import LocalTensor
 from tqdm import tqdm
 
 from spectrum_local.errors import SpectrumError
+from spectrum_local.ggufheader import read_header
 
 from .checkpoint import ITEMSIZE, RAW_TYPES, load_tensor, to_float32
 from .families import TensorPlan
@@ -33,7 +33,6 @@ SOURCE_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
 FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
               Q.BF16: gguf.LlamaFileType.MOSTLY_BF16}
 V = gguf.GGUFValueType
-SCALARS = gguf.GGUFWriter._simple_value_packing  # fixed-size value types: their struct formats
 U64 = struct.Struct("<Q")
 BLOCK = 1 << 20  # values read, cast and written at a time: small enough to stay in the CPU cache
 AHEAD = 2  # blocks converted ahead of the one being written
@@ -231,54 +230,8 @@ def validate(path: Path, tensors: dict[str, tuple[Q, tuple[int, ...]]] | list[st
 
 
 def read_index(path: Path) -> tuple[dict[str, Any], dict[str, tuple[Q, tuple[int, ...], int]], int]:
-    """A GGUF's metadata (scalars and strings; arrays as their length), its tensors (type,
-    numpy-order shape, offset in the data section) and where the data section starts. Only the
-    header is read: no tensor data, no token strings are decoded (gguf.GGUFReader builds an
-    object for every one of them: seconds on a 150k-token vocabulary)."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        pos = 0
+    """``ggufheader.read_header`` with the tensor types as gguf's enum."""
+    fields, tensors, data_start = read_header(path)
+    return fields, {name: (Q(t), shape, offset) for name, (t, shape, offset) in tensors.items()}, \
+        data_start
 
-        def unpack(fmt: str) -> tuple:
-            nonlocal pos
-            values = struct.unpack_from("<" + fmt, buf, pos)
-            pos += struct.calcsize("<" + fmt)
-            return values
-
-        def string() -> str:
-            nonlocal pos
-            (n,) = unpack("Q")
-            pos += n
-            if pos > len(buf):
-                raise ValueError("a string runs past the end of the file")
-            return buf[pos - n:pos].decode("utf-8")
-
-        magic, version, n_tensors, n_kv = unpack("4sIQQ")
-        if magic != b"GGUF" or version != 3:
-            raise ValueError(f"not a GGUF v3 file (starts with {magic!r}, version {version})")
-        fields: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = string()
-            (vtype,) = unpack("I")
-            if vtype == V.STRING:
-                fields[key] = string()
-            elif vtype == V.ARRAY:
-                item, count = unpack("IQ")
-                if item == V.STRING:
-                    for _ in range(count):  # skipped, not decoded
-                        pos += 8 + U64.unpack_from(buf, pos)[0]
-                else:
-                    pos += count * struct.calcsize(SCALARS[V(item)])
-                fields[key] = count
-            else:
-                fields[key] = unpack(SCALARS[V(vtype)])[0]
-        tensors = {}
-        for _ in range(n_tensors):
-            name = string()
-            (n_dims,) = unpack("I")
-            dims = unpack(f"{n_dims}Q")
-            t, offset = unpack("IQ")
-            tensors[name] = (Q(t), tuple(reversed(dims)), offset)
-        if len(tensors) != n_tensors:
-            raise ValueError("two tensors have the same name")
-        alignment = fields.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
-        return fields, tensors, -(-pos // alignment) * alignment

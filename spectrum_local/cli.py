@@ -119,6 +119,24 @@ batch_options = _options(
 )
 
 
+class LoraSpec(click.ParamType):
+    """``PATH[:SCALE]``: the scale is split off only when the text after the last colon is a
+    number, so ``C:\\adapters\\a.gguf`` and ``REPO_ID:FILE.gguf`` stay whole paths."""
+
+    name = "PATH[:SCALE]"
+
+    def convert(self, value, param, ctx) -> tuple[str, float]:
+        if isinstance(value, tuple):
+            return value
+        path, colon, scale = value.rpartition(":")
+        if colon and path:
+            try:
+                return path, float(scale)  # its range is checked with the model's options
+            except ValueError:
+                pass
+        return value, 1.0
+
+
 local_model_options = _options(
     click.option("--model", "-m", metavar="GGUF",
                  help="A .gguf file, or REPO_ID:FILE.gguf on the Hugging Face hub. "
@@ -134,6 +152,10 @@ local_model_options = _options(
     click.option("--ctx", "ctx_size", type=click.IntRange(min=MIN_CTX),
                  help="Context size in tokens: prompt plus what is scored or sampled. "
                       "Default: 4096, or the model's trained length if smaller."),
+    click.option("--lora", "lora", multiple=True, type=LoraSpec(),
+                 help="A GGUF LoRA adapter to apply, with an optional scale (default 1), e.g. "
+                      "--lora dice.gguf:0.5 (repeatable; a local path or REPO_ID:FILE.gguf). "
+                      "Make one from a PEFT adapter with: spectrum-local convert-lora."),
 )
 server_options = _options(
     click.option("--server", "servers", multiple=True, metavar="URL",
@@ -152,15 +174,16 @@ server_options = _options(
 def model_options(command):
     """The local model options and --server; the command gets ``open_model()`` instead."""
     @functools.wraps(command)
-    def with_model(*args, model, format_name, gpu_layers, threads, ctx_size, servers, api_key,
-                   tokenizer, **kwargs):
+    def with_model(*args, model, format_name, gpu_layers, threads, ctx_size, lora, servers,
+                   api_key, tokenizer, **kwargs):
         def open_model():
             if not servers:
                 if tokenizer:
                     raise click.UsageError("--tokenizer goes with --server")
-                return _load(model, format_name, gpu_layers, threads, ctx_size)
+                return _load(model, format_name, gpu_layers, threads, ctx_size, lora)
             local = [name for name, value in (("--model", model), ("--gpu-layers", gpu_layers),
-                                              ("--threads", threads), ("--ctx", ctx_size))
+                                              ("--threads", threads), ("--ctx", ctx_size),
+                                              ("--lora", lora or None))
                      if value is not None]
             if local:
                 raise click.UsageError(f"{', '.join(local)} set up a local model; with --server "
@@ -229,9 +252,9 @@ def _read_messages_file(path: str) -> list:
     return parsed
 
 
-def _load(model, format_name, gpu_layers, threads, ctx_size) -> SpectrumModel:
+def _load(model, format_name, gpu_layers, threads, ctx_size, lora=()) -> SpectrumModel:
     spectrum_model = load(model, format=format_name, gpu_layers=gpu_layers, threads=threads,
-                          ctx=ctx_size)
+                          ctx=ctx_size, lora=lora)
     if spectrum_model.notice:
         click.echo(spectrum_model.notice, err=True)
     return spectrum_model
@@ -374,6 +397,8 @@ def info(open_model, as_json):
             value = f"{value / 2**20:,.1f} MiB"
         elif key == "parameters":
             value = f"{value / 1e6:,.1f} M"
+        elif key == "lora":
+            value = ", ".join(f"{a['path']} (scale {a['scale']:g})" for a in value) or "none"
         elif isinstance(value, list):
             value = ", ".join(map(str, value))
         click.echo(f"{key.replace('_', ' '):<16} {value}")
@@ -412,7 +437,7 @@ Examples:
 @local_model_options
 @json_option
 def evaluate(tasks_file, suite, vs_model, seed, no_end_token, out_file, resume, plot_file,
-             model, format_name, gpu_layers, threads, ctx_size, as_json):
+             model, format_name, gpu_layers, threads, ctx_size, lora, as_json):
     """Measure how well the model matches distributions.
 
     TASKS.jsonl holds one task per line: "distribution" (candidates and their true
@@ -429,7 +454,7 @@ def evaluate(tasks_file, suite, vs_model, seed, no_end_token, out_file, resume, 
     if plot_file:
         from .plot import check_available
         check_available()
-    first = _load(model, format_name, gpu_layers, threads, ctx_size)
+    first = _load(model, format_name, gpu_layers, threads, ctx_size, lora)
     second = _load(vs_model, None, gpu_layers, threads, ctx_size) if vs_model else None
     report = run_eval(first, tasks, vs=second, seed=seed, end_token=not no_end_token,
                       out=out_file, resume=resume).to_dict()
@@ -466,8 +491,8 @@ Examples:
                    "app's origin). Default: no cross-origin access.")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish.")
-def serve(model, format_name, gpu_layers, threads, ctx_size, host, port, api_key, cors_origin,
-          grace):
+def serve(model, format_name, gpu_layers, threads, ctx_size, lora, host, port, api_key,
+          cors_origin, grace):
     """Keep one model loaded and answer HTTP: the native API, an OpenAI-compatible
     /v1/completions, and a web page at / that charts scores, top tokens and samples.
 
@@ -484,7 +509,7 @@ def serve(model, format_name, gpu_layers, threads, ctx_size, host, port, api_key
     if not _is_loopback(host) and not api_key:
         click.echo(f"warning: binding {host} without --api-key: anyone who can reach this "
                    "machine can use the model", err=True)
-    run_server(_load(model, format_name, gpu_layers, threads, ctx_size), host=host, port=port,
+    run_server(_load(model, format_name, gpu_layers, threads, ctx_size, lora), host=host, port=port,
                api_key=api_key, cors_origins=tuple(cors_origin), grace=grace)
 
 
@@ -531,6 +556,33 @@ def convert(source, out, outtype, format_name, revision, force, keep_intermediat
                             f"({e})") from None
     run_conversion(source, out, outtype=outtype, format=format_name, revision=revision,
                    force=force, keep_intermediate=keep_intermediate, progress=True)
+
+
+@cli.command("convert-lora")
+@click.argument("adapter_dir", type=click.Path())
+@click.option("--base", required=True, type=click.Path(),
+              help="The GGUF of the model the adapter was trained on (any quantization).")
+@click.option("--out", "-o", type=click.Path(),
+              help="Output .gguf file or folder. Default: ./NAME.gguf, NAME being the "
+                   "adapter folder's name.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+def convert_lora(adapter_dir, base, out, force):
+    """Convert a PEFT LoRA adapter to a GGUF adapter that llama.cpp applies to --base.
+
+    ADAPTER_DIR holds adapter_config.json and adapter_model.safetensors, as PEFT's
+    save_pretrained writes them.
+
+    \b
+    Examples:
+      spectrum-local convert-lora ./my-adapter --base spectrum-gemma-3-12b-v1-Q4_K_M.gguf
+      spectrum-local convert-lora ./my-adapter --base model-F16.gguf -o my-adapter.gguf
+    """
+    try:
+        from .convert.lora import convert_lora as run_conversion
+    except ImportError as e:
+        raise SpectrumError(f"the converter needs its extra: pip install 'spectrum-local[convert]' "
+                            f"({e})") from None
+    run_conversion(adapter_dir, base, out, force=force, progress=True)
 
 
 def _terminate(signum, frame):

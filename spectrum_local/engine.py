@@ -29,6 +29,7 @@ import numpy as np
 
 from .backend import Backend, Busy, Generation, Path, PathResult, Step, best_tokens, logsumexp
 from .errors import InputError, SpectrumError
+from .ggufheader import read_header
 
 # llama.cpp 0.3.36's limits: LLAMA_MAX_SEQ (llama-cparams.h) and GGML_MAX_N_THREADS (ggml.h);
 # more threads than OpenMP can start aborts the process.
@@ -125,11 +126,15 @@ class SamplerSettings:
                 or self.temperature == 0.0)
 
 
+MAX_LORA_SCALE = 100
+
+
 class Engine(Backend):
     """A loaded GGUF model and its context. Thread-safe: calls are serialised."""
 
     def __init__(self, path: str, *, ctx: int | None = None, gpu_layers: int | None = None,
-                 threads: int | None = None, batch: int = 512, max_sequences: int = 64):
+                 threads: int | None = None, batch: int = 512, max_sequences: int = 64,
+                 lora: Sequence[tuple[str, float]] = ()):
         # Every number that reaches llama.cpp is checked here: past its limits llama.cpp
         # asserts (killing the process), OpenMP aborts, or ctypes silently wraps the value.
         if ctx is not None:
@@ -140,6 +145,12 @@ class Engine(Backend):
             check_int("threads", threads, 1, MAX_THREADS)
         if gpu_layers is not None:
             check_int("gpu_layers", gpu_layers, -1)
+        for _, scale in lora:
+            # Far past the scales adapters are trained for, activations overflow to NaN.
+            if isinstance(scale, bool) or not isinstance(scale, numbers.Real) \
+                    or not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+                raise InputError(f"a LoRA scale must be a number between -{MAX_LORA_SCALE} and "
+                                 f"{MAX_LORA_SCALE}, got {scale!r}")
         _init_backend()
         self.path = path = os.fspath(path)
         if gpu_layers is None:
@@ -209,6 +220,41 @@ class Engine(Backend):
         self._samplers = [_CandidateBuffer(self.n_vocab) for _ in range(workers)]
         self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         self.tokens_evaluated = 0  # tokens sent to llama_decode so far (for tests and the bench)
+        # LoRA adapters, applied to every decode of this context. They are fixed for the
+        # engine's life, so everything cached was computed under them: a prefix computed under
+        # other adapters or scales (another engine) can never be reused here.
+        self.lora = [(os.fspath(p), float(scale)) for p, scale in lora]
+        self._adapters = [self._load_adapter(p) for p, _ in self.lora]
+        if self._adapters:
+            handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(self._adapters))(
+                *self._adapters)
+            scales = (ctypes.c_float * len(self.lora))(*[scale for _, scale in self.lora])
+            if llama_cpp.llama_set_adapters_lora(self._ctx, handles, len(self.lora), scales):
+                self.close()
+                raise SpectrumError("llama.cpp could not apply the LoRA adapters")
+
+    def _load_adapter(self, path: str):
+        # llama.cpp checks the adapter against the model (architecture, tensor shapes) and
+        # frees it with the model, but an embedding adapter on a model whose output layer is
+        # its embedding (tied: no output.weight) passes, then aborts the process at the first
+        # decode (a ggml assert): refuse it here.
+        try:
+            adapter_tensors = read_header(path)[1]
+            tied = "output.weight" not in read_header(self.path)[1]
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            self.close()
+            raise InputError(f"{path} is not a GGUF LoRA adapter ({e})") from None
+        if tied and any(name.startswith("token_embd.") for name in adapter_tensors):
+            self.close()
+            raise InputError(f"the LoRA adapter {path} changes the token embedding, which this "
+                             "model also uses as its output layer: llama.cpp cannot apply that")
+        adapter = llama_cpp.llama_adapter_lora_init(self._model, path.encode())
+        if not adapter:
+            self.close()
+            raise InputError(f"llama.cpp could not load the LoRA adapter {path}: not a GGUF "
+                             "LoRA adapter, or made for another base model (set "
+                             "SPECTRUM_LOCAL_VERBOSE=1 for llama.cpp's reason)")
+        return adapter
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -280,6 +326,7 @@ class Engine(Backend):
             "context_trained": self.n_ctx_train,
             "context": self.n_ctx,
             "chat_template": "tokenizer.chat_template" in meta,
+            "lora": [{"path": p, "scale": scale} for p, scale in self.lora],
             "gpu_offload": supports_gpu_offload(),
             "backend": system_info(),
         }

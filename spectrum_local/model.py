@@ -18,7 +18,7 @@ from .backend import Backend, logsumexp
 from .engine import Engine, SamplerSettings, check_int, common_prefix
 from .errors import InputError, SpectrumError
 from .results import CandidateScore, Sample, ScoreResult, TokenProb
-from .source import locate
+from .source import find_gguf, locate
 
 Messages = Iterable[Mapping[str, object] | formats.Message]
 
@@ -28,14 +28,17 @@ MAX_SAMPLES = 10_000
 
 def load(model: str | os.PathLike | None = None, *, format: str | None = None,
          gpu_layers: int | None = None, threads: int | None = None, ctx: int | None = None,
-         batch: int = 512) -> "SpectrumModel":
+         batch: int = 512, lora: Sequence[tuple[str | os.PathLike, float]] = ()) -> "SpectrumModel":
     """Load a spectrum model. ``model`` is a .gguf path, a hub ``REPO_ID:FILE.gguf``, or None
     for $SPECTRUM_LOCAL_MODEL or the default model. ``format`` overrides the family that is
     otherwise read from the GGUF (gemma3, llama3, qwen3). ``gpu_layers`` defaults to all layers
     when llama.cpp was built with a GPU backend; ``ctx`` to 4096 tokens, or the model's trained
-    length if that is smaller."""
+    length if that is smaller. ``lora``: GGUF LoRA adapters (paths or hub specs) with their
+    scales, applied by llama.cpp on top of the weights (quantized ones too)."""
     source = locate(model)
-    engine = Engine(source.path, ctx=ctx, gpu_layers=gpu_layers, threads=threads, batch=batch)
+    adapters = [(find_gguf(os.fspath(path), "LoRA adapter"), scale) for path, scale in lora]
+    engine = Engine(source.path, ctx=ctx, gpu_layers=gpu_layers, threads=threads, batch=batch,
+                    lora=adapters)
     if format:
         fmt, format_from = formats.get_format(format), "--format"
     else:

@@ -28,17 +28,23 @@ def locate(model: str | os.PathLike | None = None) -> ModelSource:
         model = os.environ.get(ENV_VAR) or None
     if model is None:
         return ModelSource(_default_model(), DEFAULT_NOTICE)
-    spec = os.fspath(model)
+    return ModelSource(find_gguf(os.fspath(model)))
+
+
+def find_gguf(spec: str, what: str = "model") -> str:
+    """The path of a .gguf file given as a path or ``REPO_ID:FILE.gguf`` on the hub (a model,
+    or with ``what="LoRA adapter"`` an adapter)."""
     path = Path(spec).expanduser()
     if path.is_file():
-        return ModelSource(str(path))
+        return str(path)
     if path.is_dir():
-        raise InputError(f"{spec} is a folder; --model takes a .gguf file "
-                         "(convert a checkpoint folder with: spectrum-local convert)")
+        hint = ("convert a PEFT adapter folder with: spectrum-local convert-lora"
+                if what != "model" else "convert a checkpoint folder with: spectrum-local convert")
+        raise InputError(f"{spec} is a folder; a {what} is a .gguf file ({hint})")
     repo_file = _split_hub_spec(spec)
     if repo_file is None:
-        raise InputError(f"model file not found: {spec}")
-    return ModelSource(_download(*repo_file))
+        raise InputError(f"{what} file not found: {spec}")
+    return _download(*repo_file)
 
 
 def _split_hub_spec(spec: str) -> tuple[str, str] | None:
