@@ -119,23 +119,30 @@ def _parse_line(number: int, text: str, operation: str, defaults: dict) -> Job:
         raise InputError(f"not valid JSON ({e.msg})") from None
     if not isinstance(obj, dict):
         raise InputError("a line must be a JSON object")
-    unknown = set(obj) - {"id", "messages"} - set(FIELDS[operation])
-    if unknown:
-        raise InputError(f"unknown field(s) for {operation}: {', '.join(sorted(unknown))}")
     messages = obj.get("messages", [])
     if not isinstance(messages, list):
         raise InputError('"messages" must be a list of {"role", "content"} objects')
+    ident = check_line(obj, number, FIELDS[operation], operation, also={"messages"})
+    options = {**defaults, **{name: obj[name] for name in FIELDS[operation] if name in obj}}
+    return Job(number, ident, messages, options)
+
+
+def check_line(obj: dict, number: int, fields: dict, what: str, also: set[str]) -> str | int:
+    """A JSONL line's id (default: its line number), once ``obj`` is checked to hold only
+    ``id``, ``also`` and ``fields``, each of these with its JSON type (a boolean only where a
+    boolean is asked for). Batch jobs and eval task files read their lines with it."""
+    unknown = set(obj) - {"id"} - also - set(fields)
+    if unknown:
+        raise InputError(f"unknown field(s) for {what}: {', '.join(sorted(unknown))}")
+    for name, kind in fields.items():
+        value = obj.get(name)
+        if name in obj and (not isinstance(value, kind)
+                            or (isinstance(value, bool) and kind is not bool)):
+            raise InputError(f'"{name}" has the wrong type: {value!r}')
     ident = obj.get("id", number)
     if not isinstance(ident, (str, int)) or isinstance(ident, bool):
         raise InputError('"id" must be a string or an integer')
-    options = dict(defaults)
-    for name, kind in FIELDS[operation].items():
-        if name in obj:
-            value = obj[name]
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise InputError(f'"{name}" has the wrong type: {value!r}')
-            options[name] = value
-    return Job(number, ident, messages, options)
+    return ident
 
 
 def finished_records(out_path: Path) -> list[dict]:

@@ -224,7 +224,9 @@ class Engine(Backend):
         # engine's life, so everything cached was computed under them: a prefix computed under
         # other adapters or scales (another engine) can never be reused here.
         self.lora = [(os.fspath(p), float(scale)) for p, scale in lora]
-        self._adapters = [self._load_adapter(p) for p, _ in self.lora]
+        # A model whose output layer is its token embedding has no output.weight tensor.
+        tied = bool(lora) and "output.weight" not in read_header(self.path)[1]
+        self._adapters = [self._load_adapter(p, tied) for p, _ in self.lora]
         if self._adapters:
             handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(self._adapters))(
                 *self._adapters)
@@ -233,14 +235,13 @@ class Engine(Backend):
                 self.close()
                 raise SpectrumError("llama.cpp could not apply the LoRA adapters")
 
-    def _load_adapter(self, path: str):
+    def _load_adapter(self, path: str, tied: bool):
         # llama.cpp checks the adapter against the model (architecture, tensor shapes) and
         # frees it with the model, but an embedding adapter on a model whose output layer is
-        # its embedding (tied: no output.weight) passes, then aborts the process at the first
-        # decode (a ggml assert): refuse it here.
+        # its embedding (``tied``) passes, then aborts the process at the first decode (a
+        # ggml assert): refuse it here.
         try:
             adapter_tensors = read_header(path)[1]
-            tied = "output.weight" not in read_header(self.path)[1]
         except (OSError, ValueError, UnicodeDecodeError) as e:
             self.close()
             raise InputError(f"{path} is not a GGUF LoRA adapter ({e})") from None

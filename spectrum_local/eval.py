@@ -30,7 +30,7 @@ import numpy as np
 from . import candidates as candidate_specs
 from . import formats, metrics
 from .backend import logsumexp
-from .batch import finished_records, write_line
+from .batch import check_line, finished_records, write_line
 from .display import Progress
 from .errors import InputError
 from .model import MAX_SAMPLES, SpectrumModel
@@ -178,16 +178,7 @@ def _parse_task(obj, number: int) -> Task:
     kind = obj.get("type")
     if kind not in FIELDS:
         raise InputError(f'"type" must be one of {", ".join(FIELDS)}, got {kind!r}')
-    unknown = set(obj) - {"id", "type"} - set(FIELDS[kind])
-    if unknown:
-        raise InputError(f"unknown field(s) for a {kind} task: {', '.join(sorted(unknown))}")
-    for name, expected in FIELDS[kind].items():
-        if name in obj and (not isinstance(obj[name], expected)
-                            or (isinstance(obj[name], bool) and expected is not bool)):
-            raise InputError(f'"{name}" has the wrong type: {obj[name]!r}')
-    ident = obj.get("id", number)
-    if not isinstance(ident, (str, int)) or isinstance(ident, bool):
-        raise InputError('"id" must be a string or an integer')
+    ident = check_line(obj, number, FIELDS[kind], f"a {kind} task", also={"type"})
     return {"distribution": _distribution, "generation": _generation,
             "steerability": _steerability}[kind](ident, obj)
 
