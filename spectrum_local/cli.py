@@ -454,6 +454,8 @@ def evaluate(tasks_file, suite, vs_model, seed, no_end_token, out_file, resume, 
     if plot_file:
         from .plot import check_available
         check_available()
+        if not os.path.isdir(os.path.dirname(os.path.abspath(plot_file))):
+            raise InputError(f"the folder of --plot {plot_file} does not exist")
     first = _load(model, format_name, gpu_layers, threads, ctx_size, lora)
     second = _load(vs_model, None, gpu_layers, threads, ctx_size) if vs_model else None
     report = run_eval(first, tasks, vs=second, seed=seed, end_token=not no_end_token,
