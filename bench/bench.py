@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llama_cpp  # noqa: E402 - the raw baselines call llama.cpp directly
 import naive as reference  # noqa: E402
-from naive import naive_llama, sequence_logprob  # noqa: E402
+from naive import DEFAULT_LORA, naive_llama, sequence_logprob  # noqa: E402
 
 import spectrum_local  # noqa: E402
 from spectrum_local.engine import cpu_name, use_extra_buffer_types  # noqa: E402
@@ -55,7 +55,7 @@ def long_prompt(final_input: str) -> list[dict]:
 def main() -> None:
     model = spectrum_local.load()
     engine = model.engine
-    naive = naive_llama(model.path)
+    naive = naive_llama(model.path, lora_path=DEFAULT_LORA)
     rows = []
 
     # 1-2. score 11 candidates, cold cache each time.
@@ -211,7 +211,12 @@ def main() -> None:
     rows.append((f"eval --suite basic ({len(suite)} tasks)", "-", time.perf_counter() - start,
                  "-", "wall time", "", "-"))
 
-    # 9-10. the converter against llama.cpp's own (its own processes; see bench_convert.py).
+    # 9. a tune step's loss and gradients: the packed pass (the prompt once, candidates as
+    # masked branches, logits only where a candidate token is predicted) vs the plain way, each
+    # candidate's sequence on its own with every position's logits.
+    rows.append(tune_row(model, suite))
+
+    # 10-11. the converter against llama.cpp's own (its own processes; see bench_convert.py).
     import bench_convert
 
     rows += bench_convert.rows()
@@ -220,6 +225,37 @@ def main() -> None:
           f"{'on' if use_extra_buffer_types() else 'off'}; medians of {REPEATS} runs "
           "(3 for the batch job and the converter)\n")
     print_table(rows)
+
+
+def tune_row(model, suite) -> tuple:
+    import torch
+
+    from spectrum_local import tune
+    from spectrum_local.eval import DistributionTask
+
+    tasks = [t for t in suite if isinstance(t, DistributionTask)][:4]
+    examples = [tune._example(model, t) for t in tasks]
+    _, peft = tune._peft_model(model, None, tune.TuneSettings(), None, lambda line: None)
+
+    def packed():
+        peft.zero_grad()
+        for example in examples:
+            tune._loss(torch, peft, example).backward()
+
+    def plain():
+        peft.zero_grad()
+        for example in examples:
+            sums = []
+            for start, tokens in example.continuations:
+                ids = example.tokens[:start] + tokens
+                logprobs = torch.log_softmax(peft(input_ids=torch.tensor([ids])).logits[0], -1)
+                sums.append(logprobs[torch.arange(start - 1, len(ids) - 1), tokens].sum())
+            -sum(w * lp for w, lp in zip(example.target, example.reads.combine(sums))).backward()
+
+    t_packed, t_plain = medians(packed, plain, repeats=3)
+    n = sum(len(t.candidates) for t in tasks)
+    return (f"tune: loss + gradients, {len(tasks)} suite tasks ({n} candidates), default model",
+            "each candidate alone, all logits", t_packed, t_plain, "speed-up", "", t_plain / t_packed)
 
 
 def print_table(rows) -> None:

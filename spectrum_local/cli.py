@@ -156,6 +156,9 @@ local_model_options = _options(
                  help="A GGUF LoRA adapter to apply, with an optional scale (default 1), e.g. "
                       "--lora dice.gguf:0.5 (repeatable; a local path or REPO_ID:FILE.gguf). "
                       "Make one from a PEFT adapter with: spectrum-local convert-lora."),
+    click.option("--no-lora", "no_lora", is_flag=True,
+                 help="Leave out the adapter that comes with the default model (its Gemma 3 "
+                      "270M base alone)."),
 )
 server_options = _options(
     click.option("--server", "servers", multiple=True, metavar="URL",
@@ -174,16 +177,17 @@ server_options = _options(
 def model_options(command):
     """The local model options and --server; the command gets ``open_model()`` instead."""
     @functools.wraps(command)
-    def with_model(*args, model, format_name, gpu_layers, threads, ctx_size, lora, servers,
-                   api_key, tokenizer, **kwargs):
+    def with_model(*args, model, format_name, gpu_layers, threads, ctx_size, lora, no_lora,
+                   servers, api_key, tokenizer, **kwargs):
         def open_model():
             if not servers:
                 if tokenizer:
                     raise click.UsageError("--tokenizer goes with --server")
-                return _load(model, format_name, gpu_layers, threads, ctx_size, lora)
+                return _load(model, format_name, gpu_layers, threads, ctx_size, lora, no_lora)
             local = [name for name, value in (("--model", model), ("--gpu-layers", gpu_layers),
                                               ("--threads", threads), ("--ctx", ctx_size),
-                                              ("--lora", lora or None))
+                                              ("--lora", lora or None),
+                                              ("--no-lora", no_lora or None))
                      if value is not None]
             if local:
                 raise click.UsageError(f"{', '.join(local)} set up a local model; with --server "
@@ -252,9 +256,10 @@ def _read_messages_file(path: str) -> list:
     return parsed
 
 
-def _load(model, format_name, gpu_layers, threads, ctx_size, lora=()) -> SpectrumModel:
+def _load(model, format_name, gpu_layers, threads, ctx_size, lora=(),
+          no_lora=False) -> SpectrumModel:
     spectrum_model = load(model, format=format_name, gpu_layers=gpu_layers, threads=threads,
-                          ctx=ctx_size, lora=lora)
+                          ctx=ctx_size, lora=lora, no_lora=no_lora)
     if spectrum_model.notice:
         click.echo(spectrum_model.notice, err=True)
     return spectrum_model
@@ -419,7 +424,9 @@ Examples:
 @click.option("--vs", "vs_model", metavar="GGUF",
               help="Run the same tasks on a second model and compare: JS divergence between "
                    "the two models' candidate distributions, first-token KL(model || vs), "
-                   "and each metric's difference (vs - model).")
+                   "and each metric's difference (vs - model). 'default' is the default "
+                   "model with its adapter: eval --no-lora --vs default shows what the "
+                   "adapter changes.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds the samples of generation tasks and the example orderings of "
                    "steerability tasks.")
@@ -437,7 +444,7 @@ Examples:
 @local_model_options
 @json_option
 def evaluate(tasks_file, suite, vs_model, seed, no_end_token, out_file, resume, plot_file,
-             model, format_name, gpu_layers, threads, ctx_size, lora, as_json):
+             model, format_name, gpu_layers, threads, ctx_size, lora, no_lora, as_json):
     """Measure how well the model matches distributions.
 
     TASKS.jsonl holds one task per line: "distribution" (candidates and their true
@@ -456,8 +463,10 @@ def evaluate(tasks_file, suite, vs_model, seed, no_end_token, out_file, resume, 
         check_available()
         if not os.path.isdir(os.path.dirname(os.path.abspath(plot_file))):
             raise InputError(f"the folder of --plot {plot_file} does not exist")
-    first = _load(model, format_name, gpu_layers, threads, ctx_size, lora)
-    second = _load(vs_model, None, gpu_layers, threads, ctx_size) if vs_model else None
+    first = _load(model, format_name, gpu_layers, threads, ctx_size, lora, no_lora)
+    # "--vs default": the default model with its adapter (what `eval --no-lora` leaves out).
+    second = (_load(None if vs_model == "default" else vs_model, None, gpu_layers, threads,
+                    ctx_size) if vs_model else None)
     report = run_eval(first, tasks, vs=second, seed=seed, end_token=not no_end_token,
                       out=out_file, resume=resume).to_dict()
     if plot_file:
@@ -493,8 +502,8 @@ Examples:
                    "app's origin). Default: no cross-origin access.")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish.")
-def serve(model, format_name, gpu_layers, threads, ctx_size, lora, host, port, api_key,
-          cors_origin, grace):
+def serve(model, format_name, gpu_layers, threads, ctx_size, lora, no_lora, host, port,
+          api_key, cors_origin, grace):
     """Keep one model loaded and answer HTTP: the native API, an OpenAI-compatible
     /v1/completions, and a web page at / that charts scores, top tokens and samples.
 
@@ -511,8 +520,8 @@ def serve(model, format_name, gpu_layers, threads, ctx_size, lora, host, port, a
     if not _is_loopback(host) and not api_key:
         click.echo(f"warning: binding {host} without --api-key: anyone who can reach this "
                    "machine can use the model", err=True)
-    run_server(_load(model, format_name, gpu_layers, threads, ctx_size, lora), host=host, port=port,
-               api_key=api_key, cors_origins=tuple(cors_origin), grace=grace)
+    run_server(_load(model, format_name, gpu_layers, threads, ctx_size, lora, no_lora), host=host,
+               port=port, api_key=api_key, cors_origins=tuple(cors_origin), grace=grace)
 
 
 def _is_loopback(host: str) -> bool:
@@ -585,6 +594,67 @@ def convert_lora(adapter_dir, base, out, force):
         raise SpectrumError(f"the converter needs its extra: pip install 'spectrum-local[convert]' "
                             f"({e})") from None
     run_conversion(adapter_dir, base, out, force=force, progress=True)
+
+
+@cli.command(epilog="""
+\b
+Examples:
+  spectrum-local tune tasks.jsonl -o my-adapter                 # the default model's base
+  spectrum-local tune tasks.jsonl -o my-adapter --steps 400 --held-out held.jsonl
+  spectrum-local tune tasks.jsonl -o my-adapter --resume        # after an interruption
+  spectrum-local score --lora my-adapter/adapter.gguf -d "..." -c 2..12
+""")
+@click.argument("tasks_file", metavar="TASKS.jsonl", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="A new (or empty) folder for the adapter, its GGUF, the log and checkpoints.")
+@click.option("--model", "-m", metavar="GGUF",
+              help="The base model's GGUF (a path or REPO_ID:FILE.gguf): its tokenizer, and "
+                   "its weights unless --weights. Default: the default model's base.")
+@click.option("--weights", metavar="FOLDER|REPO_ID",
+              help="Train on the float checkpoint the GGUF was converted from instead of the "
+                   "GGUF's (dequantized) weights.")
+@click.option("--held-out", "held_out_file", metavar="HELD.jsonl",
+              type=click.Path(dir_okay=False),
+              help="Tasks to report on before and after (default: a --held-out-fraction of "
+                   "TASKS, left out of training).")
+@click.option("--held-out-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Optimiser steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Tasks per step.")
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True),
+              default=1e-3, show_default=True, help="Peak learning rate (warm-up, then cosine).")
+@click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True,
+              help="LoRA rank, on every attention and MLP projection.")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=32.0,
+              show_default=True, help="LoRA alpha (the update is scaled by alpha / rank).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the initialisation, the held-out split and the task order.")
+@click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --out.")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS),
+              help="CPU threads for torch (default: all cores).")
+def tune(tasks_file, out, model, weights, held_out_file, held_out_fraction, steps, batch_size,
+         learning_rate, rank, alpha, seed, resume, threads):
+    """Train a LoRA adapter that makes the model match target distributions.
+
+    TASKS.jsonl holds distribution tasks in eval's format (messages, candidates,
+    target_probs). The loss is the target-weighted negative log-likelihood of each candidate
+    followed by the end-of-output token; it is the target's entropy exactly when the model's
+    distribution over outputs is the target, and the log shows the excess over it. Writes
+    OUT/adapter.gguf (for --lora), the PEFT adapter, log.jsonl, checkpoint.pt and
+    report.json (held-out tasks before/after, measured by llama.cpp). A 270M model trains
+    at about a second per task on a laptop CPU; 8B models want a GPU (see the README).
+    Needs the tune extra: pip install 'spectrum-local[tune]'.
+    """
+    from .tune import TuneSettings, tune as run_tune
+
+    settings = TuneSettings(rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps,
+                            batch_size=batch_size, held_out=held_out_fraction, seed=seed)
+    result = run_tune(tasks_file, out, model=model, weights=weights, held_out=held_out_file,
+                      settings=settings, resume=resume, threads=threads,
+                      progress=lambda line: click.echo(line, err=True))
+    click.echo(result.summary())
 
 
 def _terminate(signum, frame):

@@ -483,7 +483,7 @@ def evaluate(model: SpectrumModel, tasks: list[Task], *, vs: SpectrumModel | Non
     """Run ``tasks`` on ``model`` (and compare with ``vs``). With ``out``, each task's result
     is appended to that JSONL file as it completes; ``resume`` reads the results already
     there (from the same models and settings) and runs only the rest."""
-    run = {"model": model.path, "vs": vs.path if vs else None, "seed": seed,
+    run = {"model": model_label(model), "vs": model_label(vs) if vs else None, "seed": seed,
            "end_token": end_token}
     done = _read_done(out, run, tasks) if out and resume else {}
     if out and not resume and Path(out).exists():
@@ -506,8 +506,13 @@ def evaluate(model: SpectrumModel, tasks: list[Task], *, vs: SpectrumModel | Non
                     write_line(sink, {**run, **result.to_dict()})
                 bar.advance()
             results.append(result)
-    return EvalReport(model.path, model.format, seed, end_token, results,
-                      vs.path if vs else None)
+    return EvalReport(run["model"], model.format, seed, end_token, results, run["vs"])
+
+
+def model_label(model: SpectrumModel) -> str:
+    """The model's file and its adapters: a base with and without an adapter are two models."""
+    adapters = model.engine.describe().get("lora", [])
+    return " + ".join([model.path] + [f"{Path(a['path']).name}:{a['scale']:g}" for a in adapters])
 
 
 def _read_done(out: str, run: dict, tasks: list[Task]) -> dict:

@@ -28,15 +28,18 @@ MAX_SAMPLES = 10_000
 
 def load(model: str | os.PathLike | None = None, *, format: str | None = None,
          gpu_layers: int | None = None, threads: int | None = None, ctx: int | None = None,
-         batch: int = 512, lora: Sequence[tuple[str | os.PathLike, float]] = ()) -> "SpectrumModel":
+         batch: int = 512, lora: Sequence[tuple[str | os.PathLike, float]] = (),
+         no_lora: bool = False) -> "SpectrumModel":
     """Load a spectrum model. ``model`` is a .gguf path, a hub ``REPO_ID:FILE.gguf``, or None
     for $SPECTRUM_LOCAL_MODEL or the default model. ``format`` overrides the family that is
     otherwise read from the GGUF (gemma3, llama3, qwen3). ``gpu_layers`` defaults to all layers
     when llama.cpp was built with a GPU backend; ``ctx`` to 4096 tokens, or the model's trained
     length if that is smaller. ``lora``: GGUF LoRA adapters (paths or hub specs) with their
-    scales, applied by llama.cpp on top of the weights (quantized ones too)."""
+    scales, applied by llama.cpp on top of the weights (quantized ones too), after the default
+    model's own adapter unless ``no_lora``."""
     source = locate(model)
-    adapters = [(find_gguf(os.fspath(path), "LoRA adapter"), scale) for path, scale in lora]
+    adapters = [] if no_lora else list(source.lora)
+    adapters += [(find_gguf(os.fspath(path), "LoRA adapter"), scale) for path, scale in lora]
     engine = Engine(source.path, ctx=ctx, gpu_layers=gpu_layers, threads=threads, batch=batch,
                     lora=adapters)
     if format:
@@ -168,18 +171,25 @@ class SpectrumModel:
         do): then a candidate's probability includes every longer output it begins, and the
         coverage can exceed 1."""
         candidates = unique_candidates(candidates)
-        parsed = formats.parse_messages(messages)
-        prompt_tokens = self.tokenize(self._fmt.render(parsed))
-        reads = _Reads()
-        for text in candidates:
-            ending = {"candidate": text} if end_token else {"output_prefix": text}
-            reads.add(prompt_tokens, self.tokenize(self._fmt.render(parsed, **ending)))
+        prompt_tokens, reads = self.candidate_reads(messages, candidates, end_token=end_token)
         scored = reads.logprobs(self.engine, prompt_tokens)
         # In log space, so normalisation holds even when every probability underflows.
         log_coverage = float(logsumexp(np.array(scored)))
         return ScoreResult(math.exp(log_coverage), [
             CandidateScore(text, lp, math.exp(lp), math.exp(lp - log_coverage), n_tokens)
             for text, lp, n_tokens in zip(candidates, scored, reads.n_tokens)])
+
+    def candidate_reads(self, messages: Messages, candidates: Sequence[str], *,
+                        end_token: bool = True) -> tuple[list[int], "Reads"]:
+        """The prompt's tokens and the continuations whose log-probabilities give each
+        candidate's: what ``score`` reads, and what ``tune`` trains on."""
+        parsed = formats.parse_messages(messages)
+        prompt_tokens = self.tokenize(self._fmt.render(parsed))
+        reads = Reads()
+        for text in candidates:
+            ending = {"candidate": text} if end_token else {"output_prefix": text}
+            reads.add(prompt_tokens, self.tokenize(self._fmt.render(parsed, **ending)))
+        return prompt_tokens, reads
 
     def output_logprobs(self, messages: Messages,
                         outputs: Sequence[int] | None = None) -> list[float]:
@@ -196,7 +206,7 @@ class SpectrumModel:
         for n in wanted:
             check_int("output number", n, 0, len(positions) - 1)
         conversation = self.tokenize(self._fmt.render(parsed, output_prefix=None))
-        reads = _Reads()
+        reads = Reads()
         for n in wanted:
             i = positions[n]
             full = self.tokenize(self._fmt.render(parsed[:i], candidate=parsed[i].content))
@@ -208,7 +218,7 @@ class SpectrumModel:
         return reads.logprobs(self.engine, conversation)
 
 
-class _Reads:
+class Reads:
     """The continuations that give log P(full[len(prompt):] | prompt) for (prompt, full)
     pairs whose prompts are prefixes of one read's tokens, read together."""
 
@@ -232,8 +242,12 @@ class _Reads:
     def logprobs(self, engine: Backend, tokens: list[int]) -> list[float]:
         """Each pair's log-probability, from one read along ``tokens`` (left in the cache)."""
         logprobs = engine.continuation_logprobs(tokens, self.continuations)
-        return [float(logprobs[own].sum())
-                - (float(logprobs[respelled].sum()) if respelled is not None else 0.0)
+        return [float(x) for x in self.combine([lp.sum() for lp in logprobs])]
+
+    def combine(self, sums: Sequence) -> list:
+        """Each pair's log-probability from its continuations' summed log-probabilities
+        (numbers, or torch tensors when tuning)."""
+        return [sums[own] - sums[respelled] if respelled is not None else sums[own]
                 for own, respelled in self.plan]
 
 

@@ -9,15 +9,20 @@ from pathlib import Path
 from .errors import InputError, SpectrumError
 
 ENV_VAR = "SPECTRUM_LOCAL_MODEL"
-DEFAULT_NOTICE = ("note: no --model given, using the default Gemma 3 270M base model (not "
-                  "spectrum-tuned, so its numbers only show the mechanics); pass --model or set "
-                  f"{ENV_VAR} to use a spectrum model")
+# The default model's adapter, trained by `make demo-adapter` (scripts/make_demo_adapter.py)
+# and shipped in the package: it makes the 270M base model end its outputs and spread them.
+DEFAULT_ADAPTER = Path(__file__).resolve().parent / "adapters" / "gemma3-270m-spectrum-demo.gguf"
+DEFAULT_NOTICE = ("note: no --model given, using the default model, Gemma 3 270M + a small "
+                  "spectrum demo adapter (not a released spectrum model; its numbers show the "
+                  "mechanics). Pass --model (make one with: spectrum-local convert "
+                  f"tsor13/spectrum-gemma-3-12b-v1) or set {ENV_VAR} to use a spectrum model")
 
 
 @dataclass(frozen=True)
 class ModelSource:
     path: str
     notice: str | None = None  # said once on stderr by every command that uses the model
+    lora: tuple[tuple[str, float], ...] = ()  # adapters that come with the model
 
 
 def locate(model: str | os.PathLike | None = None) -> ModelSource:
@@ -27,7 +32,7 @@ def locate(model: str | os.PathLike | None = None) -> ModelSource:
     if model is None:
         model = os.environ.get(ENV_VAR) or None
     if model is None:
-        return ModelSource(_default_model(), DEFAULT_NOTICE)
+        return ModelSource(_default_model(), DEFAULT_NOTICE, ((str(DEFAULT_ADAPTER), 1.0),))
     return ModelSource(find_gguf(os.fspath(model)))
 
 

@@ -16,7 +16,7 @@ from spectrum_local.engine import cpu_has_amx, cpu_name, use_extra_buffer_types
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_checkpoints  # noqa: E402
-from naive import naive_llama, naive_score  # noqa: E402
+from naive import DEFAULT_LORA, naive_llama, naive_score  # noqa: E402
 from servers import running_server  # noqa: E402
 
 DICE = [{"role": "description",
@@ -118,8 +118,8 @@ def layout_noise(model):
     """How far the quantized model's numbers move with the batch layout alone, measured now on
     this CPU: the naive path's candidate scores with the whole sequence in one llama_decode vs
     one token per llama_decode (a matrix-vector kernel instead of a matrix-matrix one)."""
-    one_at_a_time = naive_llama(model.path, n_batch=1)
-    whole = naive_llama(model.path)
+    one_at_a_time = naive_llama(model.path, n_batch=1, lora_path=DEFAULT_LORA)
+    whole = naive_llama(model.path, lora_path=DEFAULT_LORA)
     try:
         return max(abs(naive_score(model, whole, messages, c) - naive_score(model, one_at_a_time,
                                                                             messages, c))

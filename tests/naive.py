@@ -12,6 +12,10 @@ import numpy as np
 
 from spectrum_local.engine import common_prefix, use_extra_buffer_types
 from spectrum_local.formats import get_format, parse_messages
+from spectrum_local.source import DEFAULT_ADAPTER
+
+# The default model is the base GGUF plus this adapter: the naive path applies it too.
+DEFAULT_LORA = str(DEFAULT_ADAPTER)
 
 
 @contextlib.contextmanager

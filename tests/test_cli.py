@@ -33,7 +33,7 @@ def test_readme_score_command():
         assert f'"{n}"' in out
     assert "coverage" in out and "█" in out
     # The default model says once that it is not a spectrum model.
-    assert proc.stderr.decode().count("not spectrum-tuned") == 1
+    assert proc.stderr.decode().count("not a released spectrum model") == 1
 
 
 def test_score_json_schema():

@@ -457,3 +457,54 @@ def test_embedding_adapter_on_a_tied_model_is_refused_not_a_crash(f32, tmp_path)
                           capture_output=True, timeout=120)
     assert proc.returncode == 2
     assert "changes the token embedding" in proc.stderr.decode()
+
+
+# --- the default model's demo adapter (spectrum_local/adapters/, make demo-adapter) -------------
+
+def test_default_model_is_the_base_plus_its_demo_adapter(model):
+    from spectrum_local.source import DEFAULT_ADAPTER
+
+    assert model.info()["lora"] == [{"path": str(DEFAULT_ADAPTER), "scale": 1.0}]
+    base = spectrum_local.load(ctx=2048, no_lora=True)
+    try:
+        assert base.info()["lora"] == [] and base.path == model.path
+        candidates = PROMPTS["dice"][1]
+        tuned, plain = model.score(DICE, candidates), base.score(DICE, candidates)
+    finally:
+        base.close()
+    # What the adapter was trained for (on other prompts: this one is not in its data): the
+    # base model never ends an output, the adapted one puts most of its mass on the 11 sums,
+    # 7 near the top. The numbers measured on an AMD EPYC are in the README.
+    assert plain.coverage < 1e-6
+    assert tuned.coverage > 0.5
+    # 7 is the mode on an AMD EPYC, but by 0.005 over 2: a property for any CPU is a top three.
+    ranked = sorted(tuned.candidates, key=lambda c: -c.logprob)
+    assert "7" in [c.text for c in ranked[:3]]
+
+
+def test_no_lora_on_the_command_line(f32):
+    cli = [sys.executable, "-m", "spectrum_local"]
+    default = subprocess.run([*cli, "info", "--json"], capture_output=True, timeout=120)
+    assert len(json.loads(default.stdout)["lora"]) == 1
+    plain = subprocess.run([*cli, "info", "--no-lora", "--json"], capture_output=True,
+                           timeout=120)
+    assert json.loads(plain.stdout)["lora"] == []
+    remote = subprocess.run([*cli, "info", "--no-lora", "--server", "http://127.0.0.1:9"],
+                            capture_output=True, timeout=120)
+    assert remote.returncode == 2 and "--no-lora" in remote.stderr.decode()
+
+
+def test_eval_no_lora_vs_default_compares_base_and_adapter(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({
+        "id": "dice", "type": "distribution", "messages": DICE, "candidates": "2..12",
+        "target_probs": [min(s - 1, 13 - s) / 36 for s in range(2, 13)]}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "spectrum_local", "eval", str(tasks),
+                           "--no-lora", "--vs", "default", "--json"], capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    report = json.loads(proc.stdout)
+    task = report["tasks"][0]
+    # a = the base alone, b = base + adapter: the adapter ends outputs, the base does not.
+    assert task["a"]["metrics"]["coverage"] < 1e-6 < 0.5 < task["b"]["metrics"]["coverage"]
+    assert task["js_between"] > 0

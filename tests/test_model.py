@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 from conftest import DICE, EXACT, FEW_SHOT, PROMPTS
-from naive import naive_llama, naive_score, prompt_and_full_tokens, sequence_logprob
+from naive import DEFAULT_LORA, naive_llama, naive_score, prompt_and_full_tokens, sequence_logprob
 
 import spectrum_local
 from spectrum_local import InputError
@@ -28,7 +28,7 @@ FAMILIES = ("gemma3", "llama3", "qwen3")
 
 @pytest.fixture(scope="module")
 def naive(model):
-    return naive_llama(model.path)
+    return naive_llama(model.path, lora_path=DEFAULT_LORA)
 
 
 def merges_into_prompt(model, messages, candidate) -> bool:
@@ -258,10 +258,19 @@ def test_top_with_prefix_continues_the_output(model):
     assert [t.id for t in with_prefix] != [t.id for t in plain]
 
 
-def test_sample_first_tokens_match_top_distribution(model):
+@pytest.fixture(scope="module")
+def base_model():
+    """The default model's base alone (--no-lora): its first tokens have the long tail."""
+    m = spectrum_local.load(ctx=2048, no_lora=True)
+    yield m
+    m.close()
+
+
+def test_sample_first_tokens_match_top_distribution(base_model):
     """2000 one-token samples against top's probabilities (both read the prompt's one logits
     row, so this holds on any CPU). The prompt's first-token distribution has a long tail, so a
     truncating sampler (top-k 40) fails the tail check."""
+    model = base_model
     messages = [{"role": "description", "content": "A single random word."}]
     top = model.top(messages, k=40)
     tail_mass = 1 - sum(t.prob for t in top)
