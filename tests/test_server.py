@@ -198,7 +198,7 @@ def _mismatch(response: httpx.Response, want) -> str | None:
 
 
 def test_a_client_that_disconnects_frees_its_samples(model):
-    with running_server(["--ctx", "2048"]) as url:
+    with running_server(["--ctx", "2048", "--no-lora"]) as url:  # the base never ends
         def load():
             return httpx.get(url + "/spectrum/v1/info").json()["load"]["live_samples"]
 
