@@ -246,7 +246,7 @@ def tune_row(model, suite) -> tuple:
         peft.zero_grad()
         for example in examples:
             sums = []
-            for start, tokens in example.continuations:
+            for start, tokens in example.reads.continuations:
                 ids = example.tokens[:start] + tokens
                 logprobs = torch.log_softmax(peft(input_ids=torch.tensor([ids])).logits[0], -1)
                 sums.append(logprobs[torch.arange(start - 1, len(ids) - 1), tokens].sum())

@@ -1,7 +1,7 @@
 """spectrum-local tune: train a LoRA adapter that makes a model match target distributions.
 
-    from spectrum_local.tune import tune
-    result = tune("tasks.jsonl", "my-adapter", steps=200)   # the default model's base
+    from spectrum_local.tune import TuneSettings, tune
+    result = tune("tasks.jsonl", "my-adapter", settings=TuneSettings(steps=200))  # default base
     # my-adapter/adapter.gguf: spectrum-local score --lora my-adapter/adapter.gguf ...
 
 The input is the ``distribution`` tasks of ``eval``'s task format (messages, candidates,
@@ -33,6 +33,7 @@ llama.cpp on the base GGUF with and without the new adapter).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -102,11 +103,11 @@ class TuneResult:
 
 @dataclass(frozen=True)
 class _Example:
-    """One task as token sequences: the prompt, the continuations, and how they combine."""
+    """One task as token sequences: the prompt, and the continuations that give each
+    candidate's log-probability (``reads.continuations``, combined by ``reads.combine``)."""
     id: str
     tokens: list[int]
-    continuations: list[tuple[int, list[int]]]
-    reads: Reads                # continuation sums -> candidate log-probs
+    reads: Reads
     target: list[float]
     entropy: float
 
@@ -126,7 +127,7 @@ def tune(tasks: str | os.PathLike, out: str | os.PathLike, *, model: str | None 
     try:
         train = [_example(base, t) for t in train_tasks]
         held = [_example(base, t) for t in eval_tasks]
-        tokens = sum(len(e.tokens) + sum(len(c) for _, c in e.continuations) for e in train)
+        tokens = sum(len(e.tokens) + sum(len(c) for _, c in e.reads.continuations) for e in train)
         say(f"{len(train)} tasks to train on ({tokens / len(train):.0f} tokens each on "
             f"average, packed), {len(held)} held out")
         torch, peft_model = _peft_model(base, weights, settings, threads, say)
@@ -145,7 +146,10 @@ def tune(tasks: str | os.PathLike, out: str | os.PathLike, *, model: str | None 
                 torch, peft_model, base, eval_tasks, held, folder)
         report = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
         report["settings"] = asdict(settings)
-        _replace_text(folder / REPORT, json.dumps(report, indent=2) + "\n")
+        from .convert.files import staged
+
+        with staged(folder / REPORT) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         return result
     finally:
         base.close()
@@ -200,7 +204,7 @@ def _example(base: SpectrumModel, task: evaluation.DistributionTask) -> _Example
         raise InputError(f"task {task.id!r}: its prompt and candidates are longer than the "
                          f"context ({base.engine.n_ctx} tokens)")
     entropy = -sum(p * math.log(p) for p in task.target if p > 0)
-    return _Example(str(task.id), tokens, reads.continuations, reads, list(task.target), entropy)
+    return _Example(str(task.id), tokens, reads, list(task.target), entropy)
 
 
 # -- the model --------------------------------------------------------------------------------
@@ -240,10 +244,10 @@ def packed_logprobs(torch, model, example: _Example) -> list:
     """Each candidate's log P(candidate, end-of-output | prompt) from one forward pass: the
     prompt's tokens up to where the first continuation starts, then each continuation as a
     branch attending to that trunk and to itself, at the positions it would have alone."""
-    trunk = min(start for start, _ in example.continuations)
+    trunk = min(start for start, _ in example.reads.continuations)
     ids, positions, branch = list(example.tokens[:trunk]), list(range(trunk)), [-1] * trunk
     predictors, targets, owners = [], [], []
-    for j, (start, tokens) in enumerate(example.continuations):
+    for j, (start, tokens) in enumerate(example.reads.continuations):
         first = len(ids) + start - trunk            # where tokens[0] sits in the pack
         ids += example.tokens[trunk:start] + tokens
         positions += range(trunk, start + len(tokens))
@@ -276,7 +280,7 @@ def packed_logprobs(torch, model, example: _Example) -> list:
                    logits_to_keep=kept.to(device)).logits[0]
     token_logprobs = torch.log_softmax(logits.float(), dim=-1)[
         where.to(device), torch.tensor(targets, device=device)]
-    sums = torch.zeros(len(example.continuations), dtype=token_logprobs.dtype, device=device)
+    sums = torch.zeros(len(example.reads.continuations), dtype=token_logprobs.dtype, device=device)
     sums = sums.index_add(0, torch.tensor(owners, device=device), token_logprobs)
     return example.reads.combine(list(sums))
 
@@ -304,7 +308,7 @@ def _run_identity(base: SpectrumModel, weights, train: list[_Example],
                   settings: TuneSettings) -> dict:
     """What a checkpoint must match to be resumed."""
     digest = hashlib.sha256(json.dumps(
-        [[e.tokens, e.continuations, e.target] for e in train]).encode()).hexdigest()
+        [[e.tokens, e.reads.continuations, e.target] for e in train]).encode()).hexdigest()
     return {"base": Path(base.path).name, "weights": weights, "tasks": digest,
             "settings": {k: v for k, v in asdict(settings).items()
                          if k not in ("log_every", "checkpoint_every")}}
@@ -321,14 +325,16 @@ def _schedule(settings: TuneSettings) -> Callable[[int], float]:
 
 def _batches(n_tasks: int, settings: TuneSettings, step: int) -> list[int]:
     """The tasks of a step: epochs of seeded shuffles, so a resumed run sees the same ones."""
-    start = step * settings.batch_size
-    picked = []
-    for i in range(start, start + settings.batch_size):
-        epoch, offset = divmod(i, n_tasks)
-        order = list(range(n_tasks))
-        random.Random(f"{settings.seed}:epoch:{epoch}").shuffle(order)
-        picked.append(order[offset])
-    return picked
+    first = step * settings.batch_size
+    return [_epoch_order(n_tasks, settings.seed, i // n_tasks)[i % n_tasks]
+            for i in range(first, first + settings.batch_size)]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n_tasks: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n_tasks))
+    random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
+    return order
 
 
 def _train(torch, model, train: list[_Example], settings: TuneSettings, folder: Path, run: dict,
@@ -385,11 +391,12 @@ def _train(torch, model, train: list[_Example], settings: TuneSettings, folder: 
 
 
 def _save_checkpoint(torch, model, optimizer, scheduler, step, run, folder: Path) -> None:
+    from .convert.files import staged
+
     adapter = {k: v for k, v in model.state_dict().items() if "lora_" in k}
-    tmp = folder / (CHECKPOINT + ".tmp")
-    torch.save({"step": step, "run": run, "adapter": adapter, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}, tmp)
-    os.replace(tmp, folder / CHECKPOINT)
+    with staged(folder / CHECKPOINT) as tmp:  # a kill mid-write leaves the last checkpoint
+        torch.save({"step": step, "run": run, "adapter": adapter,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
 
 
 # -- outputs ----------------------------------------------------------------------------------
@@ -417,15 +424,7 @@ def _held_out_report(torch, peft_model, base: SpectrumModel,
                 for example, result in zip(held, after)
                 for a, b in zip(packed_logprobs(torch, peft_model, example),
                                 result.detail["logprobs"])]
-    return _means(before), _means(after), max(gaps)
+    return (evaluation._means([r.metrics for r in before]),
+            evaluation._means([r.metrics for r in after]), max(gaps))
 
 
-def _means(results) -> dict:
-    keys = ["coverage", "js_divergence", "kl_divergence", "mode_match"]
-    return {k: sum(r.metrics[k] for r in results) / len(results) for k in keys}
-
-
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

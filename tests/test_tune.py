@@ -50,7 +50,7 @@ def dice_tasks(path: Path, n: int = 6) -> Path:
 def torch_logprobs(model, peft, messages, candidates) -> list[float]:
     """The packed loss's candidate log-probabilities, on ``model``'s tokens."""
     tokens, reads = model.candidate_reads(messages, candidates)
-    example = tuning._Example("x", tokens, reads.continuations, reads, [], 0.0)
+    example = tuning._Example("x", tokens, reads, [], 0.0)
     with torch.no_grad():
         return [float(x) for x in tuning.packed_logprobs(torch, peft, example)]
 
