@@ -122,6 +122,8 @@ def tune(tasks: str | os.PathLike, out: str | os.PathLike, *, model: str | None 
     report on instead of a ``settings.held_out`` fraction of ``tasks``."""
     say = progress or (lambda message: None)
     train_tasks, eval_tasks = _split(tasks, held_out, settings)
+    if weights:
+        _check_weights(weights)
     folder = _out_folder(out, resume)
     base = load(model, no_lora=True)
     try:
@@ -170,6 +172,15 @@ def _out_folder(out: str | os.PathLike, resume: bool) -> Path:
         raise InputError(f"folder {folder.parent} does not exist")
     folder.mkdir(exist_ok=True)
     return folder
+
+
+def _check_weights(weights: str) -> None:
+    """A checkpoint folder, or a hub id (``owner/name``), before anything is loaded."""
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        return
+    if path.exists() or weights.startswith(("/", ".", "~")):
+        raise InputError(f"--weights {weights}: not a checkpoint folder (nor a hub id)")
 
 
 def _split(tasks, held_out, settings: TuneSettings):

@@ -229,7 +229,8 @@ def test_cli_errors_are_one_line(f32, tmp_path):
     (tmp_path / "full" / "x").write_text("")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "type": "distribution"}\n')
-    for args in (["--out", str(tmp_path / "full")], ["--out", str(tmp_path / "a"), "--resume"]):
+    for args in (["--out", str(tmp_path / "full")], ["--out", str(tmp_path / "a"), "--resume"],
+                 ["--out", str(tmp_path / "w"), "--weights", str(tasks)]):
         proc = subprocess.run([sys.executable, "-m", "spectrum_local", "tune", str(tasks),
                                "--model", str(f32["gemma3"]), *args],
                               capture_output=True, text=True)
