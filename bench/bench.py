@@ -250,7 +250,8 @@ def tune_row(model, suite) -> tuple:
                 ids = example.tokens[:start] + tokens
                 logprobs = torch.log_softmax(peft(input_ids=torch.tensor([ids])).logits[0], -1)
                 sums.append(logprobs[torch.arange(start - 1, len(ids) - 1), tokens].sum())
-            -sum(w * lp for w, lp in zip(example.target, example.reads.combine(sums))).backward()
+            loss = -sum(w * lp for w, lp in zip(example.target, example.reads.combine(sums)))
+            loss.backward()
 
     t_packed, t_plain = medians(packed, plain, repeats=3)
     n = sum(len(t.candidates) for t in tasks)
