@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import numbers
 import os
 import platform
@@ -380,6 +381,11 @@ class Engine(Backend):
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
+    @functools.cached_property
+    def end_of_generation_tokens(self) -> frozenset[int]:
+        """Every token that ends a generation (sampling stops at any of them)."""
+        return frozenset(t for t in range(self.n_vocab) if self.is_end_of_generation(t))
+
     # -- decoding -----------------------------------------------------------------------------
 
     def _decode(self, tokens: Sequence[int], positions: Sequence[int],
@@ -456,8 +462,8 @@ class Engine(Backend):
         return self._read([], keep=prompt)[1]
 
     def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None) -> list[PathResult]:
-        """What each path asks for, in as few decodes as fit, sharing every token two paths
-        have in common; then sequence 0 holds ``keep`` (the prefix cache)."""
+        """What each path asks for, decoding each token two paths have in common once; then
+        sequence 0 holds ``keep`` (the prefix cache)."""
         with self._lock, self._consistent():
             return self._read(paths, keep)[0]
 
@@ -478,74 +484,111 @@ class Engine(Backend):
         for tokens in [p.tokens for p in paths] + ([keep] if keep is not None else []):
             self._check_fits(tokens)
             self.check_tokens(tokens)
+        # The new prompt first: the paths (its candidates) then start from it.
+        if keep is not None:
+            self._cache(keep)
+        results = self._read_paths(paths)
+        if keep is not None:
+            self._cache(keep)  # again if a path needed the cache's room
+        return results, self._prompt_row
+
+    def _cache(self, keep: Sequence[int]) -> None:
+        """Make sequence 0 hold ``keep``, decoding only what it does not share with the cache."""
+        keep = list(keep)
+        if keep == self.cached_tokens:
+            return
+        if len(keep) + self._reserved_cells() > self.n_ctx:
+            raise Busy  # only live samples can hold the room (_check_fits)
+        start = min(common_prefix(self.cached_tokens, keep), len(keep) - 1)
+        llama_cpp.llama_memory_seq_rm(self._memory, 0, start, -1)
+        self.cached_tokens = keep[:start]
+        n = len(keep) - start
+        rows = self._decode_all(keep[start:], range(start, len(keep)), [(0,)] * n,
+                                [False] * (n - 1) + [True])
+        self._prompt_row = rows[n - 1]
+        self.cached_tokens = keep
+
+    def _read_paths(self, paths: Sequence[Path]) -> list[PathResult]:
+        """Every path in one token trie: each node is decoded once, in the sequences of all the
+        paths through it. Paths go in trie order, in groups as large as the free sequences
+        and cells allow; a group's last path keeps its sequence into the next group, which
+        shares the nodes it has in common with it (trie order puts every node two groups
+        share on that path), so splitting a trie decodes no node twice."""
+        cached, row0 = self.cached_tokens, self._prompt_row
         results: list[PathResult | None] = [None] * len(paths)
-        todo = []
+        plan, starts = _Trie(), {}
         for i, path in enumerate(paths):
             if path.wants_nothing:
                 results[i] = PathResult(np.zeros(0), [], [])
             else:
-                todo.append(i)
-        keep_pending = keep is not None
-        while todo or keep_pending:
-            done = self._read_group(paths, todo, keep if keep_pending else None, results)
-            keep_pending = False
-            todo = todo[done:]
-        return results, self._prompt_row
+                starts[i] = _decode_start(path, cached)
+                plan.add(i, path, starts[i][0])
+        todo = sorted(starts, key=lambda i: (starts[i][0], list(paths[i].tokens[starts[i][0]:])))
+        rows: dict[int, dict] = {}
+        carrier = None  # (path, sequence) held over from the last group
+        try:
+            while todo:
+                shared = {i: plan.shared(i, carrier[0]) if carrier else 0 for i in todo}
+                placed, fresh = self._place(plan, todo, shared, carrier)
+                if not placed:
+                    if carrier:  # its cells take the room: re-decode what it held instead
+                        self._release_seq(carrier[1])
+                        carrier = None
+                        continue
+                    if self._live:
+                        raise Busy  # live samples hold the room: try after a step
+                    self.clear()  # the cached prompt takes the room: read without it
+                    return self._read_paths(paths)
+                seqs = dict(zip(placed, self._free_seqs))
+                del self._free_seqs[:len(placed)]
+                for i, seq in seqs.items():
+                    start, depth = starts[i][0], shared[i]
+                    if depth:
+                        llama_cpp.llama_memory_seq_cp(self._memory, carrier[1], seq, 0,
+                                                      start + depth)
+                    elif start:
+                        llama_cpp.llama_memory_seq_cp(self._memory, 0, seq, 0, start)
+                if carrier:
+                    self._release_seq(carrier[1])
+                carrier = (placed[-1], seqs[placed[-1]])
+                owners = plan.owners(fresh, {i: (seqs[i], shared[i]) for i in placed})
+                wants = [plan.wants(node) and node not in rows for node in fresh]
+                decoded = self._decode_all([plan.tokens[n] for n in fresh],
+                                           [plan.positions[n] for n in fresh],
+                                           [tuple(owners[n]) for n in fresh], wants,
+                                           lambda j, row: plan.reduce(fresh[j], row))
+                rows.update((fresh[j], kept) for j, kept in decoded.items())
+                for i in placed[:-1]:
+                    self._release_seq(seqs[i])
+                todo = todo[len(placed):]
+        finally:
+            if carrier:
+                self._release_seq(carrier[1])
+        for i, (start, from_row0) in starts.items():
+            path, first_row = paths[i], None
+            if from_row0:
+                final = path.final and len(path.tokens) == len(cached)
+                targets = {path.tokens[start]} if start < len(path.tokens) else set()
+                first_row = _reduce(row0, targets, path.top, final)
+            results[i] = plan.result(i, path, start, rows, first_row)
+        return results
 
-    def _read_group(self, paths, todo, keep, results) -> int:
-        """Decode the first paths of ``todo`` that fit the free sequences and cells at once
-        (and ``keep`` into sequence 0); return how many were done."""
-        cached, row0 = self.cached_tokens, self._prompt_row
-        plan = _Trie()
-        if keep is not None and list(keep) != cached:
-            keep_start = min(common_prefix(cached, keep), len(keep) - 1)
-            plan.add(Path(keep, len(keep), final=True), 0, keep_start)
-        budget = self.n_ctx - len(cached) - self._reserved_cells()
-        placed = []  # (path index, its sequence, where its decoding starts, first row cached)
+    def _place(self, plan: "_Trie", todo: list[int], shared: dict[int, int], carrier):
+        """The next group: the first paths of ``todo`` that fit the free sequences and cells,
+        and the nodes it decodes (those it does not share with the carrier), in trie order."""
+        held = len(plan.nodes_of[carrier[0]]) if carrier else 0
+        budget = self.n_ctx - len(self.cached_tokens) - self._reserved_cells() - held
+        placed, fresh, seen = [], [], set()
         for i in todo:
             if len(placed) == len(self._free_seqs):
                 break
-            start, from_row0 = _decode_start(paths[i], cached)
-            if plan.size + plan.new_nodes(paths[i], start) > budget:
+            new = [n for n in plan.nodes_of[i][shared[i]:] if n not in seen]
+            if len(fresh) + len(new) > budget:
                 break
-            seq = self._free_seqs[len(placed)]
-            placed.append((i, seq, start, from_row0))
-            plan.add(paths[i], seq, start)
-        if plan.size > budget or (todo and not placed):
-            if self._live:
-                raise Busy  # live samples hold the room this needs: try after a step
-            if cached:  # the cached prompt takes the room: drop it and plan again
-                self.clear()
-                return self._read_group(paths, todo, keep, results)
-            if plan.size > budget or plan.keep_start is None:  # _check_fits makes this rare
-                raise InputError(f"the sequences to read do not fit the context "
-                                 f"({self.n_ctx} tokens); raise --ctx")
-            # The new prompt alone now; the paths follow in the next group, with it cached.
-        del self._free_seqs[:len(placed)]
-        try:
-            for i, seq, start, _ in placed:
-                if start:
-                    llama_cpp.llama_memory_seq_cp(self._memory, 0, seq, 0, start)
-            if plan.keep_start is not None:
-                llama_cpp.llama_memory_seq_rm(self._memory, 0, plan.keep_start, -1)
-                self.cached_tokens = list(keep[:plan.keep_start])
-            rows = self._decode_all(plan.tokens, plan.positions, [tuple(s) for s in plan.seq_sets],
-                                    plan.wants, plan.reduce)
-            for i, seq, start, from_row0 in placed:
-                path = paths[i]
-                first_row = None
-                if from_row0:
-                    final = path.final and len(path.tokens) == len(cached)
-                    targets = {path.tokens[start]} if start < len(path.tokens) else set()
-                    first_row = _reduce(row0, targets, path.top, final)
-                results[i] = plan.result(path, seq, start, rows, first_row)
-            if plan.keep_start is not None:
-                self._prompt_row = rows[plan.keep_final]["row"]
-                self.cached_tokens = list(keep)
-        finally:
-            for _, seq, _, _ in placed:
-                self._release_seq(seq)
-        return len(placed)
+            placed.append(i)
+            fresh += new
+            seen.update(new)
+        return placed, sorted(fresh)
 
     # -- sampling ---------------------------------------------------------------------------
 
@@ -812,58 +855,31 @@ def _step_logprobs(row: np.ndarray, token: int, k: int | None):
 
 
 class _Trie:
-    """The tokens of one read decode. Paths that start decoding at the same position share
-    each token they have in common: it is decoded once, in every path's sequence. Tokens
-    are added path by path, so each sequence's positions come in order."""
+    """The tokens of one read. Paths that start decoding at the same position share each
+    token they have in common: one node, decoded once, in every such path's sequence. A
+    node's children are added after it, so node order is position order along every path."""
 
     def __init__(self):
         self.tokens: list[int] = []
         self.positions: list[int] = []
-        self.seq_sets: list[set[int]] = []
+        self.nodes_of: dict[int, list[int]] = {}  # path -> its nodes, in position order
         self._targets: list[set[int]] = []
         self._top: list[int] = []  # per node: the most alternatives a path asks for, -1: none
         self._final: list[bool] = []
         self._index: dict = {}  # (parent node or ("root", start), token) -> node
-        self._nodes: dict[int, list[int]] = {}  # sequence -> its nodes, in position order
-        self.keep_start: int | None = None  # where sequence 0's new tokens start
-        self.keep_final: int | None = None  # the node whose row is the new prompt row
 
-    @property
-    def size(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def wants(self) -> list[bool]:
-        return [bool(t) or f for t, f in zip(self._targets, self._final)]
-
-    @staticmethod
-    def _last(path: Path) -> int:
-        return len(path.tokens) - (1 if path.final else 2)
-
-    def new_nodes(self, path: Path, start: int) -> int:
-        """How many tokens adding ``path`` would add."""
-        parent = ("root", start)
-        for pos in range(start, self._last(path) + 1):
-            node = self._index.get((parent, path.tokens[pos]))
-            if node is None:
-                return self._last(path) + 1 - pos
-            parent = node
-        return 0
-
-    def add(self, path: Path, seq: int, start: int) -> None:
+    def add(self, key: int, path: Path, start: int) -> None:
         tokens, parent, nodes = path.tokens, ("root", start), []
-        for pos in range(start, self._last(path) + 1):
-            key = (parent, tokens[pos])
-            node = self._index.get(key)
+        last = len(tokens) - (1 if path.final else 2)  # a last token is read, not decoded
+        for pos in range(start, last + 1):
+            node = self._index.get((parent, tokens[pos]))
             if node is None:
-                node = self._index[key] = len(self.tokens)
+                node = self._index[(parent, tokens[pos])] = len(self.tokens)
                 self.tokens.append(tokens[pos])
                 self.positions.append(pos)
-                self.seq_sets.append(set())
                 self._targets.append(set())
                 self._top.append(-1)
                 self._final.append(False)
-            self.seq_sets[node].add(seq)
             if path.first - 1 <= pos < len(tokens) - 1:
                 self._targets[node].add(tokens[pos + 1])
                 self._top[node] = max(self._top[node], -1 if path.top is None else path.top)
@@ -871,17 +887,31 @@ class _Trie:
                 self._final[node] = True
             nodes.append(node)
             parent = node
-        self._nodes[seq] = nodes
-        if seq == 0:
-            self.keep_start, self.keep_final = start, nodes[-1]
+        self.nodes_of[key] = nodes
+
+    def shared(self, a: int, b: int) -> int:
+        """How many nodes paths ``a`` and ``b`` have in common (a prefix of both)."""
+        return common_prefix(self.nodes_of[a], self.nodes_of[b])
+
+    def owners(self, nodes: Sequence[int], placed: dict[int, tuple[int, int]]) -> dict:
+        """Each of ``nodes``'s sequences: those of the placed paths (path -> (sequence, nodes
+        it shares with the carrier)) that decode it."""
+        owners = {n: set() for n in nodes}
+        for path, (seq, shared) in placed.items():
+            for n in self.nodes_of[path][shared:]:
+                owners[n].add(seq)
+        return owners
+
+    def wants(self, node: int) -> bool:
+        return bool(self._targets[node]) or self._final[node]
 
     def reduce(self, node: int, row: np.ndarray) -> dict:
         top = self._top[node]
         return _reduce(row, self._targets[node], None if top < 0 else top, self._final[node])
 
-    def result(self, path: Path, seq: int, start: int, rows: dict, first_row: dict | None):
+    def result(self, key: int, path: Path, start: int, rows: dict, first_row: dict | None):
         """``path``'s answer from the reduced rows (``first_row``: the cached prompt's)."""
-        nodes, tokens = self._nodes[seq], path.tokens
+        nodes, tokens = self.nodes_of[key], path.tokens
 
         def at(pos: int) -> dict:
             return first_row if pos == start - 1 else rows[nodes[pos - start]]

@@ -94,14 +94,34 @@ def test_prefix_cache_evaluates_only_the_new_part(f32_models, family):
         assert a.logprob == pytest.approx(b.logprob, abs=EXACT)
 
 
-def test_many_candidates_in_groups(f32_models):
-    # More candidates than sequences in one context: processed in groups, same answers.
-    model = f32_models["qwen3"]
-    many = [str(n) for n in range(0, 150)]
-    assert len(many) > model.engine.max_sequences
+def trie_nodes(model, messages, candidates) -> int:
+    """Distinct token prefixes the candidates' continuations decode (their last token, the
+    end-of-output, is read, not decoded), from the tokenizer alone."""
+    nodes = set()
+    for c in candidates:
+        prompt, full = prompt_and_full_tokens(model, messages, c)
+        start = common_prefix(prompt, full)
+        paths = [full[start:]] + ([prompt[start:]] if start < len(prompt) else [])
+        nodes.update((start, tuple(p[:k])) for p in paths for k in range(1, len(p)))
+    return len(nodes)
+
+
+@pytest.mark.parametrize("ctx", [1024, 64])
+def test_many_candidates_decode_each_trie_node_once(f32, naive_f32, ctx):
+    # More candidates than sequences (and, at ctx 64, than cells): read in groups in trie
+    # order, a group sharing the nodes it has in common with the last one, so every token
+    # prefix is decoded exactly once, and every answer equals a full evaluation.
+    model = spectrum_local.load(str(f32["qwen3"]), ctx=ctx)
+    many = [str(n) for n in range(0, 400, 3)] + [f"{n} dice" for n in range(40)]
+    assert len(many) > 2 * model.engine.max_sequences
+    model.score(DICE, ["x"])  # the prompt is cached
+    before = model.engine.tokens_evaluated
     result = model.score(DICE, many)
-    for c in result.candidates[::7]:
-        assert c.logprob == pytest.approx(model.score(DICE, [c.text]).candidates[0].logprob, abs=EXACT)
+    assert model.engine.tokens_evaluated - before == trie_nodes(model, DICE, many)
+    for c in result.candidates[::9]:
+        assert c.logprob == pytest.approx(naive_score(model, naive_f32["qwen3"], DICE, c.text),
+                                          abs=EXACT)
+    model.close()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
