@@ -32,7 +32,7 @@ from spectrum_local.tune import TuneSettings, tune  # noqa: E402
 
 SEED = 0
 N_TRAIN = 3000
-SETTINGS = TuneSettings(rank=16, alpha=32, learning_rate=2e-3, steps=400, batch_size=8,
+SETTINGS = TuneSettings(rank=16, alpha=32, learning_rate=1.5e-3, steps=300, batch_size=8,
                         warmup=20, seed=SEED, log_every=10, checkpoint_every=20)
 DICE = [{"role": "description",
          "content": "Roll two six-sided dice. What is the sum of their values?"}]
