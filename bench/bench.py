@@ -216,7 +216,13 @@ def main() -> None:
     # candidate's sequence on its own with every position's logits.
     rows.append(tune_row(model, suite))
 
-    # 10-11. the converter against llama.cpp's own (its own processes; see bench_convert.py).
+    # 10-14. score over a token trie; enumerate against sampling (see bench_exact.py).
+    import bench_exact
+
+    rows += bench_exact.score_rows(model, medians)
+    rows += bench_exact.enumerate_rows(model)
+
+    # 15-16. the converter against llama.cpp's own (its own processes; see bench_convert.py).
     import bench_convert
 
     rows += bench_convert.rows()

@@ -10,7 +10,8 @@
 
 from .errors import InputError, SpectrumError
 from .model import SpectrumModel, load
-from .results import CandidateScore, Sample, ScoreResult, TokenProb
+from .results import (CandidateScore, EnumeratedOutput, EnumerateResult, Sample, ScoreResult,
+                      TokenProb)
 
 
 def connect(urls, **options):
@@ -22,4 +23,4 @@ def connect(urls, **options):
 
 
 __all__ = ["load", "connect", "SpectrumModel", "Sample", "TokenProb", "CandidateScore",
-           "ScoreResult", "SpectrumError", "InputError"]
+           "ScoreResult", "EnumeratedOutput", "EnumerateResult", "SpectrumError", "InputError"]

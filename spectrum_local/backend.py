@@ -73,6 +73,8 @@ class Backend:
     ``tokenize``, ``detokenize``, ``control_token``, ``token_text``, ``n_vocab``, ``generate``,
     ``describe`` and ``close`` (see ``Engine``)."""
 
+    whole_rows = True  # reads can return a whole next-token logits row (Path.final)
+
     def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None) -> list[PathResult]:
         """What each path asks for (see ``Path``); afterwards the prefix cache holds ``keep``."""
         raise NotImplementedError

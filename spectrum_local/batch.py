@@ -40,6 +40,8 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "sample": {"n": int, "max_tokens": int, "seed": int, "temperature": _NUMBER,
                "top_k": int, "top_p": _NUMBER, "min_p": _NUMBER, "repeat_penalty": _NUMBER},
     "top": {"k": int, "prefix": str},
+    "enumerate": {"coverage": _NUMBER, "min_prob": _NUMBER, "max_outputs": int,
+                  "max_tokens": int, "max_decoded": int},
 }
 
 
@@ -57,8 +59,12 @@ def _run_top(model: SpectrumModel, messages: list, options: dict) -> dict:
     return {"tokens": [t.to_dict() for t in model.top(messages, **options)]}
 
 
+def _run_enumerate(model: SpectrumModel, messages: list, options: dict) -> dict:
+    return model.enumerate(messages, **options).to_dict()
+
+
 RUNNERS: dict[str, Callable[[SpectrumModel, list, dict], dict]] = {
-    "score": _run_score, "sample": _run_sample, "top": _run_top}
+    "score": _run_score, "sample": _run_sample, "top": _run_top, "enumerate": _run_enumerate}
 
 
 @dataclass
@@ -262,7 +268,9 @@ def _in_order(jobs: list[Job], run: Callable[[Job], dict],
 
 
 def _tokens(result: dict) -> int:
-    """Tokens scored or generated for one result line (for the rates shown)."""
+    """Tokens scored, generated or decoded for one result line (for the rates shown)."""
+    if "decoded" in result:  # enumerate
+        return result["decoded"]
     items = result.get("candidates") or result.get("samples") or []
     return sum(item["n_tokens"] for item in items)
 

@@ -24,6 +24,7 @@ Examples:
   spectrum-local score -d "Roll two six-sided dice. What is the sum of their values?" -c 2..12
   spectrum-local sample -d "Board games" -o Catan -o Chess -n 8
   spectrum-local top -d "A random US state" -k 10
+  spectrum-local enumerate -d "Roll two six-sided dice. What is the sum of their values?"
   spectrum-local score -c 1..5 --batch in.jsonl --out out.jsonl --server http://gpu-box:8000
   spectrum-local info --model spectrum-gemma-3-12b-v1-Q4_K_M.gguf
   spectrum-local eval --suite basic --vs spectrum-gemma-3-12b-v1-F16.gguf
@@ -384,6 +385,53 @@ def top(ctx, description, input, output, messages_file, k, prefix, batch_in, bat
     _run("top", _messages(ctx, description, input, output, messages_file),
          open_model, run_one, {"k": k, "prefix": prefix}, batch_in, batch_out, resume, strict,
          parallel)
+
+
+@cli.command("enumerate", cls=MessageCommand, epilog="""
+\b
+Examples:
+  spectrum-local enumerate -d "Roll two six-sided dice. What is the sum of their values?"
+  spectrum-local enumerate -d "Pick a US state" --coverage 0.99 --max-outputs 60
+  spectrum-local enumerate -d "A random word" --min-prob 0.01 --json
+""")
+@message_options
+@click.option("--coverage", type=click.FloatRange(0, 1, min_open=True), default=0.95,
+              show_default=True, help="Stop once the outputs listed hold this much of the "
+                                      "model's probability.")
+@click.option("--min-prob", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="List only outputs at least this likely; stop when none left can be.")
+@click.option("--max-outputs", type=click.IntRange(min=1), default=100, show_default=True,
+              help="List at most this many outputs.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Longest output followed, in tokens (longer ones count as cut).")
+@click.option("--max-decoded", type=click.IntRange(min=0), default=20_000, show_default=True,
+              help="The search's budget of decoded tokens, checked before each read.")
+@batch_options
+@model_options
+@json_option
+@click.pass_context
+def enumerate_outputs(ctx, description, input, output, messages_file, coverage, min_prob,
+                      max_outputs, max_tokens, max_decoded, batch_in, batch_out, resume, strict,
+                      parallel, open_model, as_json):
+    """The model's most probable complete outputs, each with its exact probability.
+
+    A best-first search over the token tree, not sampling: most likely first, each output's
+    probability is what `score` gives it, and "unexplored" is the mass of the paths never
+    expanded: no output missing from the list holds more than that. It stops at the first of
+    --coverage, --min-prob, --max-outputs and --max-decoded.
+    """
+    settings = dict(coverage=coverage, min_prob=min_prob, max_outputs=max_outputs,
+                    max_tokens=max_tokens, max_decoded=max_decoded)
+
+    def run_one(m, parsed):
+        result = m.enumerate(parsed, **settings)
+        if as_json:
+            _emit_json(m, **result.to_dict())
+        else:
+            click.echo(display.enumerate_table(result))
+
+    _run("enumerate", _messages(ctx, description, input, output, messages_file),
+         open_model, run_one, settings, batch_in, batch_out, resume, strict, parallel)
 
 
 @cli.command()

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Sequence, TextIO
 
-from .results import Sample, ScoreResult, TokenProb
+from .results import EnumerateResult, Sample, ScoreResult, TokenProb
 
 BAR_WIDTH = 30
 _EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -42,6 +42,29 @@ def score_table(result: ScoreResult) -> str:
                      f"  {bar(c.normalized / top)}")
     lines.append(f"coverage: {percent(result.coverage)} of the probability mass is on these "
                  f"{len(result.candidates)} candidates")
+    return "\n".join(lines)
+
+
+def enumerate_table(result: EnumerateResult) -> str:
+    outputs = result.outputs
+    width = max(6, *(len(quoted(o.text)) for o in outputs)) if outputs else 6
+    top = max((o.text_prob for o in outputs), default=0.0) or 1.0
+    lines = [f"{'output':<{width}}  {'prob':>8}"]
+    for o in outputs:
+        other = (f"  (text: {percent(o.text_prob)}, other tokenisations included)"
+                 if o.text_prob > o.prob * (1 + 1e-9) else "")
+        lines.append(f"{quoted(o.text):<{width}}  {percent(o.prob):>8}  "
+                     f"{bar(o.text_prob / top)}{other}")
+    reasons = {"coverage": "the coverage asked for was reached",
+               "min_prob": "no output left can reach --min-prob",
+               "max_outputs": "--max-outputs were listed",
+               "max_decoded": "the --max-decoded budget was spent",
+               "exhausted": "no path was left to expand"}
+    lines.append(f"coverage: these {len(outputs)} outputs hold {percent(result.coverage)} of the "
+                 f"probability; at most {percent(result.unexplored)} is unexplored")
+    cut = (f"; {percent(result.cut)} is no output (longer than --max-tokens, or ended "
+           "otherwise)" if result.cut >= 0.001 else "")
+    lines.append(f"stopped: {reasons[result.stopped]} ({result.decoded:,} tokens decoded){cut}")
     return "\n".join(lines)
 
 

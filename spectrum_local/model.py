@@ -17,7 +17,9 @@ from . import formats
 from .backend import Backend, logsumexp
 from .engine import Engine, SamplerSettings, check_int, common_prefix
 from .errors import InputError, SpectrumError
-from .results import CandidateScore, Sample, ScoreResult, TokenProb
+from .enumeration import best_first
+from .results import (CandidateScore, EnumeratedOutput, EnumerateResult, Sample, ScoreResult,
+                      TokenProb)
 from .source import find_gguf, locate
 
 Messages = Iterable[Mapping[str, object] | formats.Message]
@@ -179,6 +181,85 @@ class SpectrumModel:
             CandidateScore(text, lp, math.exp(lp), math.exp(lp - log_coverage), n_tokens)
             for text, lp, n_tokens in zip(candidates, scored, reads.n_tokens)])
 
+    def enumerate(self, messages: Messages, *, coverage: float = 0.95, min_prob: float = 0.0,
+                  max_outputs: int = 100, max_tokens: int = 32,
+                  max_decoded: int = 20_000) -> EnumerateResult:
+        """The outputs the model gives the most probability, most likely first, each with its
+        exact probability, found by a best-first search over the token tree (see
+        ``enumeration``). It stops when the outputs listed hold ``coverage`` of the mass, when
+        no output left can reach ``min_prob``, at ``max_outputs`` outputs, or when the next
+        read would decode more than ``max_decoded`` tokens in all. Outputs longer than
+        ``max_tokens`` tokens are not followed (their mass is ``cut``)."""
+        if not all(isinstance(x, numbers.Real) and math.isfinite(x) for x in (coverage, min_prob)) \
+                or not 0 < coverage <= 1 or not 0 <= min_prob <= 1:
+            raise InputError("enumerate needs 0 < coverage <= 1 and 0 <= min_prob <= 1")
+        check_int("max_outputs", max_outputs, 1)
+        check_int("max_tokens", max_tokens, 1)
+        check_int("max_decoded", max_decoded, 0)
+        if not self.engine.whole_rows:
+            raise InputError("enumerate needs every token's probability at each step, and a vLLM "
+                             "server gives at most --max-logprobs tokens per position: enumerate "
+                             "locally or against a spectrum-local serve (--server)")
+        prompt_tokens = self.prompt_tokens(messages)
+        other_ends = set(self.engine.end_of_generation_tokens) - {self.end_of_output_id}
+        search = best_first(self.engine, prompt_tokens, self.end_of_output_id, other_ends,
+                            self.engine.detokenize, coverage=coverage, min_prob=min_prob,
+                            max_outputs=max_outputs, max_tokens=max_tokens,
+                            max_decoded=max_decoded)
+        paths: dict[str, dict[tuple, float]] = {}  # text -> the token paths found that spell it
+        for logprob, tokens, text in search.found:
+            paths.setdefault(text, {})[tokens] = logprob
+        mass = {text: math.fsum(math.exp(lp) for lp in found.values())
+                for text, found in paths.items()}
+        listed, total = [], 0.0
+        for text in sorted(mass, key=mass.get, reverse=True):
+            if len(listed) == max_outputs or total >= coverage or mass[text] < min_prob:
+                break
+            listed.append(text)
+            total += mass[text]
+        outputs, decoded, late = self._enumerated(messages, listed, paths, mass)
+        # An own spelling read after the search was part of the mass it had left unexplored
+        # (or cut, when longer than max_tokens): counted once, as an output now.
+        unexplored, cut = search.unexplored, search.cut
+        for prob, n_tokens in late:
+            if n_tokens <= max_tokens:
+                unexplored = max(0.0, unexplored - prob)
+            else:
+                cut = max(0.0, cut - prob)
+        return EnumerateResult(math.fsum(o.text_prob for o in outputs), unexplored,
+                               search.stopped == "exhausted", search.stopped, cut,
+                               search.decoded + decoded, outputs)
+
+    def _enumerated(self, messages: Messages, texts: list[str], paths: dict[str, dict],
+                    mass: dict[str, float]) -> tuple[list[EnumeratedOutput], int, list]:
+        """The ``texts`` with the probability of their own tokenisations (what ``score``
+        reads): from the paths found when it is one of them, else read (one read for all);
+        the tokens that read decoded; and (prob, output tokens) of each own spelling it added
+        as a path the search had not reached."""
+        prompt_tokens, reads = self.candidate_reads(messages, texts)
+        logprobs, missing, unfound, late = {}, [], {}, []
+        for text, (own, respelled) in zip(texts, reads.plan):
+            start, tokens = reads.continuations[own]
+            continues = respelled is None and start == len(prompt_tokens)
+            if continues and tuple(tokens[:-1]) in paths[text]:
+                logprobs[text] = paths[text][tuple(tokens[:-1])]
+                continue
+            missing.append(text)  # only other spellings were found, or it merges into the prompt
+            if continues:
+                unfound[text] = len(tokens) - 1
+        decoded = 0
+        if missing:
+            _, missing_reads = self.candidate_reads(messages, missing)
+            decoded = missing_reads.decoded_tokens()
+            for text, logprob in zip(missing, missing_reads.logprobs(self.engine, prompt_tokens)):
+                logprobs[text] = logprob
+                if text in unfound:  # a path of its own the search had not reached
+                    mass[text] += math.exp(logprob)
+                    late.append((math.exp(logprob), unfound[text]))
+        outputs = [EnumeratedOutput(text, math.exp(logprobs[text]), mass[text], logprobs[text],
+                                    n_tokens) for text, n_tokens in zip(texts, reads.n_tokens)]
+        return sorted(outputs, key=lambda o: o.text_prob, reverse=True), decoded, late
+
     def candidate_reads(self, messages: Messages, candidates: Sequence[str], *,
                         end_token: bool = True) -> tuple[list[int], "Reads"]:
         """The prompt's tokens and the continuations whose log-probabilities give each
@@ -243,6 +324,12 @@ class Reads:
         """Each pair's log-probability, from one read along ``tokens`` (left in the cache)."""
         logprobs = engine.continuation_logprobs(tokens, self.continuations)
         return [float(x) for x in self.combine([lp.sum() for lp in logprobs])]
+
+    def decoded_tokens(self) -> int:
+        """The tokens a read of these continuations decodes after the cached prompt: its trie's
+        nodes (a continuation's last token is read, not decoded)."""
+        return len({(start, tuple(tokens[:k])) for start, tokens in self.continuations
+                    for k in range(1, len(tokens))})
 
     def combine(self, sums: Sequence) -> list:
         """Each pair's log-probability from its continuations' summed log-probabilities

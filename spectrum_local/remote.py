@@ -35,7 +35,8 @@ from .engine import check_int
 from .errors import InputError, SpectrumError
 from .model import MAX_SAMPLES, SpectrumModel, unique_candidates
 from .server import MAX_N
-from .results import CandidateScore, Sample, ScoreResult, TokenProb
+from .results import (CandidateScore, EnumeratedOutput, EnumerateResult, Sample, ScoreResult,
+                      TokenProb)
 
 ATTEMPTS = 8  # per request; the waits between them add up to about a minute
 FIRST_WAIT, LONGEST_WAIT = 0.5, 20.0  # seconds, before jitter
@@ -286,6 +287,17 @@ class ServedModel:
                            [CandidateScore(**c) for c in answer["candidates"]])
 
 
+    def enumerate(self, messages, *, coverage: float = 0.95, min_prob: float = 0.0,
+                  max_outputs: int = 100, max_tokens: int = 32,
+                  max_decoded: int = 20_000) -> EnumerateResult:
+        answer = self.client.post("/spectrum/v1/enumerate", {
+            "messages": _message_dicts(messages), "coverage": coverage, "min_prob": min_prob,
+            "max_outputs": max_outputs, "max_tokens": max_tokens, "max_decoded": max_decoded})
+        fields = {f: answer[f] for f in ("coverage", "unexplored", "exhausted", "stopped", "cut",
+                                        "decoded")}
+        return EnumerateResult(**fields, outputs=[EnumeratedOutput(**o) for o in answer["outputs"]])
+
+
 def _message_dicts(messages) -> list[dict]:
     return [{"role": m.role, "content": m.content} for m in formats.parse_messages(messages)]
 
@@ -353,6 +365,8 @@ class VLLMBackend(Backend):
                 "pass the served model's own with --tokenizer")
 
     # -- reads and samples ----------------------------------------------------------------
+
+    whole_rows = False  # vLLM gives at most --max-logprobs tokens per position
 
     def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None) -> list[PathResult]:
         """All paths in one request, one prompt each (vLLM evaluates them as one batch)."""

@@ -41,3 +41,23 @@ class ScoreResult(_Result):
 
     def best(self) -> CandidateScore:
         return max(self.candidates, key=lambda c: c.logprob)
+
+
+@dataclass(frozen=True)
+class EnumeratedOutput(_Result):
+    text: str
+    prob: float  # P(text's own tokens, then end-of-output | prompt): the number score gives it
+    text_prob: float  # every token path the search found that spells text (prob, or more)
+    logprob: float  # log prob
+    n_tokens: int  # the text's tokens, the end-of-output token included
+
+
+@dataclass(frozen=True)
+class EnumerateResult(_Result):
+    coverage: float  # the mass of the outputs listed (their text_prob summed)
+    unexplored: float  # mass of partial outputs never expanded: at most this much is missing
+    exhausted: bool  # nothing was left to expand
+    stopped: str  # coverage, min_prob, max_outputs, max_decoded, or exhausted
+    cut: float  # mass that is no output: cut at max_tokens, or ended by another EOG token
+    decoded: int  # tokens decoded (each prefix the outputs share, once per read)
+    outputs: list[EnumeratedOutput]

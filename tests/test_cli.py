@@ -59,6 +59,28 @@ def test_top_and_sample_json_schema():
     assert all(set(s) == {"text", "n_tokens", "finish_reason"} for s in data["samples"])
 
 
+def test_enumerate_prints_bars_json_and_batch_lines(tmp_path):
+    proc = run("enumerate", "-d", DICE, "--coverage", "0.5")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode()
+    assert '"7"' in out and "█" in out and "unexplored" in out and "stopped:" in out
+    data, _ = run_json("enumerate", "-d", DICE, "--coverage", "0.5")
+    assert set(data) == {"model", "format", "coverage", "unexplored", "exhausted", "stopped",
+                         "cut", "decoded", "outputs"}
+    assert all(set(o) == {"text", "prob", "text_prob", "logprob", "n_tokens"}
+               for o in data["outputs"])
+    assert data["stopped"] == "coverage" and data["coverage"] >= 0.5
+    lines = tmp_path / "in.jsonl"
+    lines.write_text(json.dumps({"id": "a", "messages": [{"role": "description", "content": DICE}],
+                                 "max_outputs": 3}) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = run("enumerate", "--batch", str(lines), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr.decode()
+    record = json.loads(out.read_text())
+    assert record["id"] == "a" and len(record["outputs"]) == 3
+    assert [o["text"] for o in record["outputs"]] == [o["text"] for o in data["outputs"][:3]]
+
+
 def test_seeded_runs_are_reproducible_across_processes():
     args = ("sample", "-d", "Board games", "-n", "4", "--max-tokens", "10", "--seed", "5")
     assert run_json(*args)[0] == run_json(*args)[0]
@@ -112,6 +134,8 @@ def test_messages_with_a_byte_order_mark(tmp_path):
     (("top", "-m", "/nonexistent/model.gguf", "-d", "x"), None, 2, "not found"),
     (("sample", "-d", "x", "-n", "0"), None, 2, "-n"),
     (("top", "-d", "x", "-k", "0"), None, 2, "-k"),
+    (("enumerate", "-d", "x", "--coverage", "0"), None, 2, "--coverage"),
+    (("enumerate", "-d", "x", "--max-tokens", "0"), None, 2, "--max-tokens"),
     (("top", "-d", "word " * 3000, "--ctx", "512"), None, 2, "raise --ctx"),
 ])
 def test_bad_input_is_one_clear_line(args, stdin, code, message):

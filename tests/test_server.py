@@ -24,6 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from servers import free_port, running_server
 
+import spectrum_local
+
 pytestmark = pytest.mark.http  # the HTTP layer: run once by `make test`, not per CPU setting
 
 FAMILY = SERVED_FAMILY
@@ -77,6 +79,24 @@ def test_top_and_sample_equal_the_api(f32_server, reference):
     got = post(f32_server, "/spectrum/v1/sample", body).json()["samples"]
     want = reference.sample(FEW_SHOT, n=4, max_tokens=12, seed=5)
     assert got == [s.to_dict() for s in want]
+
+
+def test_enumerate_equals_the_api_over_http_and_through_the_client(f32_server, reference):
+    options = {"coverage": 0.5, "max_outputs": 20, "max_tokens": 3}
+    got = post(f32_server, "/spectrum/v1/enumerate", {"messages": FEW_SHOT, **options})
+    assert got.status_code == 200, got.text
+    body = got.json()
+    want = reference.enumerate(FEW_SHOT, **options)
+    assert body["model"] == reference.path and body["stopped"] == want.stopped
+    assert body["decoded"] == want.decoded
+    served = spectrum_local.connect(f32_server)
+    through = served.enumerate(FEW_SHOT, **options)
+    served.close()
+    for outputs in (body["outputs"], [o.to_dict() for o in through.outputs]):
+        assert [o["text"] for o in outputs] == [o.text for o in want.outputs]
+        for o, w in zip(outputs, want.outputs):
+            assert o["logprob"] == pytest.approx(w.logprob, abs=EXACT)
+            assert o["n_tokens"] == w.n_tokens
 
 
 def test_info_is_the_cli_info_plus_the_prompt_format(f32_server, f32):
@@ -334,6 +354,10 @@ def _outward_address() -> str | None:
     ("/spectrum/v1/top", {"messages": DICE, "k": 0}, 422, "k: Input should be greater than"),
     ("/spectrum/v1/top", {"messages": []}, 400, "no messages"),
     ("/spectrum/v1/top", [1, 2], 422, "valid dictionary"),
+    ("/spectrum/v1/enumerate", {"messages": DICE, "coverage": 0}, 422, "coverage"),
+    ("/spectrum/v1/enumerate", {"messages": DICE, "max_decoded": 10**6}, 422, "max_decoded"),
+    ("/spectrum/v1/enumerate", {"messages": DICE, "max_outputs": "5"}, 422, "max_outputs"),
+    ("/spectrum/v1/enumerate", {"messages": []}, 400, "no messages"),
 ])
 def test_bad_requests_get_a_4xx_json_error(f32_server, route, body, status, match):
     assert_error(post(f32_server, route, body), status, match)
@@ -357,12 +381,13 @@ JSON = st.recursive(SCALAR,
                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
 FIELDS = ["messages", "candidates", "n", "max_tokens", "seed", "temperature", "top_k", "top_p",
           "min_p", "repeat_penalty", "k", "prefix", "stream", "role", "content", "prompt",
-          "logprobs", "echo", "prompt_logprobs", "stop", "tokens"]
+          "logprobs", "echo", "prompt_logprobs", "stop", "tokens", "coverage", "min_prob",
+          "max_outputs", "max_decoded"]
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["description", "input", "output", "x"]),
                                  "content": st.text(max_size=30)})
 BODY = st.dictionaries(st.sampled_from(FIELDS), JSON | st.lists(MESSAGE, max_size=3), max_size=6)
-ROUTES = ["/spectrum/v1/score", "/spectrum/v1/sample", "/spectrum/v1/top", "/v1/completions",
-          "/tokenize", "/detokenize"]
+ROUTES = ["/spectrum/v1/score", "/spectrum/v1/sample", "/spectrum/v1/top",
+          "/spectrum/v1/enumerate", "/v1/completions", "/tokenize", "/detokenize"]
 
 
 @settings(max_examples=300, deadline=None, derandomize=True,
@@ -371,9 +396,9 @@ ROUTES = ["/spectrum/v1/score", "/spectrum/v1/sample", "/spectrum/v1/top", "/v1/
 def test_random_bodies_never_get_a_5xx(f32_server, route, body):
     if isinstance(body, dict) and body.get("n", 0) is not True and isinstance(body.get("n"), int):
         body["n"] = min(abs(body["n"]), 4)  # valid but huge values are slow, not wrong
-    for key in ("max_tokens",):
+    for key, most in (("max_tokens", 8), ("max_decoded", 200), ("max_outputs", 50)):
         if isinstance(body, dict) and isinstance(body.get(key), int):
-            body[key] = min(abs(body[key]), 8)
+            body[key] = min(abs(body[key]), most)
     response = httpx.post(f32_server + route, json=body, timeout=60)
     assert response.status_code < 500, (response.status_code, response.text[:300])
     if response.status_code >= 400:

@@ -125,6 +125,11 @@ def test_k_above_the_servers_max_logprobs_is_a_clear_error(pair):
         remote.top(DICE, k=25)  # vLLM says "greater than max allowed: 20"
 
 
+def test_enumerate_through_vllm_is_a_clear_error(pair):
+    with pytest.raises(InputError, match="max-logprobs"):
+        pair[0].enumerate(DICE)
+
+
 def test_one_token_samples_follow_the_top_probabilities(pair):
     """1000 one-token samples through vLLM (untruncated) against the local engine's next-token
     probabilities: chi-squared over groups of tokens in rank order, each group holding at least

@@ -153,6 +153,13 @@ def create_app(model: SpectrumModel, *, api_key: str | None = None,
         tokens = await run_in_threadpool(model.top, _messages(body), body.k, prefix=body.prefix)
         return _tagged(model, tokens=[t.to_dict() for t in tokens])
 
+    @app.post("/spectrum/v1/enumerate", dependencies=api)
+    async def enumerate_outputs(body: schemas.EnumerateRequest):
+        """The most probable complete outputs with exact probabilities; as `enumerate --json`."""
+        options = body.model_dump(exclude={"messages"})
+        result = await run_in_threadpool(model.enumerate, _messages(body), **options)
+        return _tagged(model, **result.to_dict())
+
     @app.post("/spectrum/v1/sample", dependencies=api)
     async def sample(body: schemas.SampleRequest, request: Request):
         """n i.i.d. outputs; as `sample --json`, or with "stream": true one server-sent event

@@ -11,6 +11,10 @@ from . import MAX_N
 
 MAX_CANDIDATES = 10_000
 MAX_K = 1000
+# enumerate: one request's search is bounded (each of its reads queues with other requests').
+MAX_OUTPUTS = 1000
+MAX_OUTPUT_TOKENS = 256
+MAX_DECODED = 100_000
 
 
 class Strict(BaseModel):
@@ -34,6 +38,17 @@ class TopRequest(Strict):
     messages: list[Message]
     k: int = Field(10, ge=1, le=MAX_K)
     prefix: str = ""
+
+
+class EnumerateRequest(Strict):
+    messages: list[Message]
+    coverage: float = Field(0.95, gt=0, le=1)
+    min_prob: float = Field(0.0, ge=0, le=1)
+    max_outputs: int = Field(100, ge=1, le=MAX_OUTPUTS)
+    max_tokens: int = Field(32, ge=1, le=MAX_OUTPUT_TOKENS)
+    max_decoded: int = Field(20_000, ge=0, le=MAX_DECODED,
+                             description="Budget: tokens decoded in all (a server-wide cap "
+                                         "keeps one request from holding the model for long)")
 
 
 class SampleRequest(Strict):
