@@ -51,8 +51,9 @@ def enumerate_table(result: EnumerateResult) -> str:
     top = max((o.text_prob for o in outputs), default=0.0) or 1.0
     lines = [f"{'output':<{width}}  {'prob':>8}"]
     for o in outputs:
-        other = (f"  (text: {percent(o.text_prob)}, other tokenisations included)"
-                 if o.text_prob > o.prob * (1 + 1e-9) else "")
+        shown = percent(o.text_prob)  # other spellings, when they change the number shown
+        other = (f"  (text: {shown}, other tokenisations included)"
+                 if shown != percent(o.prob) else "")
         lines.append(f"{quoted(o.text):<{width}}  {percent(o.prob):>8}  "
                      f"{bar(o.text_prob / top)}{other}")
     reasons = {"coverage": "the coverage asked for was reached",

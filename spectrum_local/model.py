@@ -1,5 +1,5 @@
-"""SpectrumModel: the three operations. Renders prompts with the family's format, turns them
-into tokens, asks the engine, and returns typed results."""
+"""SpectrumModel: the operations (sample, top, score, enumerate). Renders prompts with the
+family's format, turns them into tokens, asks the engine, and returns typed results."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ class SpectrumModel:
         return self.tokenize(self._fmt.render(formats.parse_messages(messages),
                                               output_prefix=output_prefix))
 
-    # -- the three operations -----------------------------------------------------------------
+    # -- the operations -----------------------------------------------------------------------
 
     def sample(self, messages: Messages, n: int = 1, *, max_tokens: int = 256,
                seed: int | None = None, temperature: float = 1.0, top_k: int = 0,

@@ -1,4 +1,4 @@
-"""Typed results of the three operations; each prints readably and turns into JSON."""
+"""Typed results of the operations; each prints readably and turns into JSON."""
 
 from __future__ import annotations
 

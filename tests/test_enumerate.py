@@ -72,7 +72,7 @@ def test_two_token_outputs_agree_with_brute_force_over_the_likeliest_first_token
     # The real default model, where outputs of two tokens ("10", "11", "12") are likely: every
     # output of at most two tokens with probability 1% or more, by brute force over the 200
     # likeliest first tokens (an output that likely needs a first token that likely).
-    naive = naive_llama(model.path, lora_path=DEFAULT_LORA)
+    naive = naive_llama(model.path, n_ctx=256, lora_path=DEFAULT_LORA)
     prompt = model.prompt_tokens(DICE)
     end, eog = model.end_of_output_id, model.engine.end_of_generation_tokens
     first = next_logprobs(naive, prompt)

@@ -90,8 +90,9 @@ class _TooLarge(Exception):
 def create_app(model: SpectrumModel, *, api_key: str | None = None,
                cors_origins: tuple[str, ...] = (), max_body: int = MAX_BODY) -> FastAPI:
     app = FastAPI(title="spectrum-local", version=_version(),
-                  description="Spectrum-tuned models: score, sample, top; OpenAI-compatible "
-                              "completions. Errors: {\"error\": {\"message\", \"type\"}}.")
+                  description="Spectrum-tuned models: score, sample, top, enumerate; "
+                              "OpenAI-compatible completions. Errors: "
+                              "{\"error\": {\"message\", \"type\"}}.")
     app.state.model = model
 
     def authorized(request: Request) -> None:
