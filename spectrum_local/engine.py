@@ -484,53 +484,42 @@ class Engine(Backend):
         for tokens in [p.tokens for p in paths] + ([keep] if keep is not None else []):
             self._check_fits(tokens)
             self.check_tokens(tokens)
-        # The new prompt first: the paths (its candidates) then start from it.
-        if keep is not None:
-            self._cache(keep)
-        results = self._read_paths(paths)
-        if keep is not None:
-            self._cache(keep)  # again if a path needed the cache's room
-        return results, self._prompt_row
+        if keep is not None and list(keep) == self.cached_tokens:
+            keep = None  # already cached
+        return self._read_paths(paths, keep), self._prompt_row
 
-    def _cache(self, keep: Sequence[int]) -> None:
-        """Make sequence 0 hold ``keep``, decoding only what it does not share with the cache."""
-        keep = list(keep)
-        if keep == self.cached_tokens:
-            return
-        if len(keep) + self._reserved_cells() > self.n_ctx:
-            raise Busy  # only live samples can hold the room (_check_fits)
-        start = min(common_prefix(self.cached_tokens, keep), len(keep) - 1)
-        llama_cpp.llama_memory_seq_rm(self._memory, 0, start, -1)
-        self.cached_tokens = keep[:start]
-        n = len(keep) - start
-        rows = self._decode_all(keep[start:], range(start, len(keep)), [(0,)] * n,
-                                [False] * (n - 1) + [True])
-        self._prompt_row = rows[n - 1]
-        self.cached_tokens = keep
-
-    def _read_paths(self, paths: Sequence[Path]) -> list[PathResult]:
-        """Every path in one token trie: each node is decoded once, in the sequences of all the
-        paths through it. Paths go in trie order, in groups as large as the free sequences
-        and cells allow; a group's last path keeps its sequence into the next group, which
-        shares the nodes it has in common with it (trie order puts every node two groups
-        share on that path), so splitting a trie decodes no node twice."""
+    def _read_paths(self, paths: Sequence[Path], keep: Sequence[int] | None) -> list[PathResult]:
+        """Every path, and ``keep`` (the new prompt, into sequence 0), in one token trie: each
+        node is decoded once, in the sequences of all the paths through it. ``keep`` goes in
+        the first group; the paths go in trie order, in groups as large as the free sequences
+        and cells allow. A group's last path keeps its sequence into the next group, which
+        shares the nodes it has in common with it or with ``keep`` (trie order puts every node
+        two groups share on that path), so splitting a trie decodes no node twice."""
         cached, row0 = self.cached_tokens, self._prompt_row
-        results: list[PathResult | None] = [None] * len(paths)
         plan, starts = _Trie(), {}
+        if keep is not None:
+            # What survives of the cache; the paths start from it, so none needs what goes.
+            keep_start = min(common_prefix(cached, keep), len(keep) - 1)
+            cached, row0 = cached[:keep_start], None
+            plan.add(KEEP, Path(keep, len(keep), final=True), keep_start)
+        results: list[PathResult | None] = [None] * len(paths)
         for i, path in enumerate(paths):
             if path.wants_nothing:
                 results[i] = PathResult(np.zeros(0), [], [])
             else:
-                starts[i] = _decode_start(path, cached)
+                starts[i] = _decode_start(path, cached, row0 is not None)
                 plan.add(i, path, starts[i][0])
         todo = sorted(starts, key=lambda i: (starts[i][0], list(paths[i].tokens[starts[i][0]:])))
+        if keep is not None:
+            llama_cpp.llama_memory_seq_rm(self._memory, 0, keep_start, -1)
+            self.cached_tokens = list(cached)
         rows: dict[int, dict] = {}
         carrier = None  # (path, sequence) held over from the last group
         try:
-            while todo:
-                shared = {i: plan.shared(i, carrier[0]) if carrier else 0 for i in todo}
-                placed, fresh = self._place(plan, todo, shared, carrier)
-                if not placed:
+            while todo or keep is not None:
+                shared = {i: self._shared(plan, i, carrier, keep is None) for i in todo}
+                placed, fresh = self._place(plan, todo, shared, carrier, keep)
+                if not placed and keep is None:
                     if carrier:  # its cells take the room: re-decode what it held instead
                         self._release_seq(carrier[1])
                         carrier = None
@@ -538,26 +527,32 @@ class Engine(Backend):
                     if self._live:
                         raise Busy  # live samples hold the room: try after a step
                     self.clear()  # the cached prompt takes the room: read without it
-                    return self._read_paths(paths)
+                    return self._read_paths(paths, None)
                 seqs = dict(zip(placed, self._free_seqs))
                 del self._free_seqs[:len(placed)]
                 for i, seq in seqs.items():
-                    start, depth = starts[i][0], shared[i]
-                    if depth:
-                        llama_cpp.llama_memory_seq_cp(self._memory, carrier[1], seq, 0,
-                                                      start + depth)
-                    elif start:
-                        llama_cpp.llama_memory_seq_cp(self._memory, 0, seq, 0, start)
+                    depth, source = shared[i]
+                    source = {"keep": 0, "carrier": carrier and carrier[1], None: 0}[source]
+                    if starts[i][0] + depth:
+                        llama_cpp.llama_memory_seq_cp(self._memory, source, seq, 0,
+                                                      starts[i][0] + depth)
                 if carrier:
                     self._release_seq(carrier[1])
-                carrier = (placed[-1], seqs[placed[-1]])
-                owners = plan.owners(fresh, {i: (seqs[i], shared[i]) for i in placed})
+                carrier = (placed[-1], seqs[placed[-1]]) if placed else None
+                owners = {i: (seqs[i], shared[i][0]) for i in placed}
+                if keep is not None:
+                    owners[KEEP] = (0, 0)
+                owners = plan.owners(fresh, owners)
                 wants = [plan.wants(node) and node not in rows for node in fresh]
                 decoded = self._decode_all([plan.tokens[n] for n in fresh],
                                            [plan.positions[n] for n in fresh],
                                            [tuple(owners[n]) for n in fresh], wants,
                                            lambda j, row: plan.reduce(fresh[j], row))
                 rows.update((fresh[j], kept) for j, kept in decoded.items())
+                if keep is not None:
+                    self._prompt_row = rows[plan.nodes_of[KEEP][-1]]["row"]
+                    self.cached_tokens = list(keep)
+                    keep = None
                 for i in placed[:-1]:
                     self._release_seq(seqs[i])
                 todo = todo[len(placed):]
@@ -573,16 +568,31 @@ class Engine(Backend):
             results[i] = plan.result(i, path, start, rows, first_row)
         return results
 
-    def _place(self, plan: "_Trie", todo: list[int], shared: dict[int, int], carrier):
-        """The next group: the first paths of ``todo`` that fit the free sequences and cells,
-        and the nodes it decodes (those it does not share with the carrier), in trie order."""
+    @staticmethod
+    def _shared(plan: "_Trie", path: int, carrier, keep_decoded: bool) -> tuple[int, str | None]:
+        """How many of ``path``'s nodes are already decoded, and which sequence holds them:
+        the carrier (the last group's last path) or sequence 0 (the new prompt, once decoded)."""
+        best = (0, None)
+        if carrier:
+            best = max(best, (plan.shared(path, carrier[0]), "carrier"), key=lambda b: b[0])
+        if keep_decoded and KEEP in plan.nodes_of:
+            best = max(best, (plan.shared(path, KEEP), "keep"), key=lambda b: b[0])
+        return best
+
+    def _place(self, plan: "_Trie", todo: list[int], shared: dict, carrier, keep):
+        """The next group: ``keep`` if it is still to decode, and the first paths of ``todo``
+        that fit the free sequences and cells; and the nodes it decodes (those it does not
+        share with what is decoded), in trie order."""
         held = len(plan.nodes_of[carrier[0]]) if carrier else 0
         budget = self.n_ctx - len(self.cached_tokens) - self._reserved_cells() - held
-        placed, fresh, seen = [], [], set()
+        fresh = list(plan.nodes_of[KEEP]) if keep is not None else []
+        if len(fresh) > budget:
+            raise Busy  # only live samples can hold the room (_check_fits)
+        placed, seen = [], set(fresh)
         for i in todo:
             if len(placed) == len(self._free_seqs):
                 break
-            new = [n for n in plan.nodes_of[i][shared[i]:] if n not in seen]
+            new = [n for n in plan.nodes_of[i][shared[i][0]:] if n not in seen]
             if len(fresh) + len(new) > budget:
                 break
             placed.append(i)
@@ -823,13 +833,13 @@ class _Live:
             self.chain = None
 
 
-def _decode_start(path: Path, cached: Sequence[int]) -> tuple[int, bool]:
+def _decode_start(path: Path, cached: Sequence[int], row_kept: bool) -> tuple[int, bool]:
     """Where ``path``'s decoding starts, and whether its first row is the cached prompt's row:
     tokens shared with the cache are not decoded again, except from the first position
-    whose row is needed (only the cache's last row is kept)."""
+    whose row is needed (only the cache's last row is kept, if ``row_kept``)."""
     shared = common_prefix(cached, path.tokens)
     first_row = path.first - 1
-    if cached and shared == len(cached) and first_row == len(cached) - 1:
+    if row_kept and cached and shared == len(cached) and first_row == len(cached) - 1:
         return len(cached), True
     return min(shared, first_row), False
 
@@ -852,6 +862,9 @@ def _step_logprobs(row: np.ndarray, token: int, k: int | None):
         return None, None
     lse = logsumexp(row)
     return float(row[token] - lse), best_tokens(row, k, lse)
+
+
+KEEP = -1  # the trie's key for the new prompt, decoded into sequence 0
 
 
 class _Trie:

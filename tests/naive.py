@@ -41,11 +41,15 @@ def naive_llama(path: str, n_ctx: int = 2048, *, n_batch: int = 512,
                 f32_cache: bool = False, lora_path: str | None = None) -> llama_cpp.Llama:
     """``n_batch`` sets how many tokens go into one llama_decode (the batch layout);
     ``f32_cache`` keeps the KV cache in F32, as the engine does for F32 models; ``lora_path``
-    applies a GGUF LoRA adapter at scale 1 (llama-cpp-python's own adapter loading)."""
+    applies a GGUF LoRA adapter at scale 1 (llama-cpp-python's own adapter loading).
+    Attention is the engine's: plain with the F32 cache (as for F32 models), else flash
+    attention, which llama.cpp's default (auto) picks on CPU; the two differ by up to ~1 nat on
+    a quantized model's far tail (a -28 nat candidate of the demo adapter)."""
     f32 = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     with _same_model_params():
         return llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                               logits_all=True, verbose=False, lora_path=lora_path, **f32)
+                               logits_all=True, verbose=False, lora_path=lora_path,
+                               flash_attn=not f32_cache, **f32)
 
 
 def sequence_logprob(llm: llama_cpp.Llama, context: Sequence[int], tokens: Sequence[int]) -> float:
