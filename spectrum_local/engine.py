@@ -484,8 +484,6 @@ class Engine(Backend):
         for tokens in [p.tokens for p in paths] + ([keep] if keep is not None else []):
             self._check_fits(tokens)
             self.check_tokens(tokens)
-        if keep is not None and list(keep) == self.cached_tokens:
-            keep = None  # already cached
         return self._read_paths(paths, keep), self._prompt_row
 
     def _read_paths(self, paths: Sequence[Path], keep: Sequence[int] | None) -> list[PathResult]:
@@ -497,7 +495,8 @@ class Engine(Backend):
         two groups share on that path), so splitting a trie decodes no node twice."""
         cached, row0 = self.cached_tokens, self._prompt_row
         plan, starts = _Trie(), {}
-        if keep is not None:
+        pending = keep if keep is not None and list(keep) != cached else None  # to decode
+        if pending is not None:
             # What survives of the cache; the paths start from it, so none needs what goes.
             keep_start = min(common_prefix(cached, keep), len(keep) - 1)
             cached, row0 = cached[:keep_start], None
@@ -510,24 +509,27 @@ class Engine(Backend):
                 starts[i] = _decode_start(path, cached, row0 is not None)
                 plan.add(i, path, starts[i][0])
         todo = sorted(starts, key=lambda i: (starts[i][0], list(paths[i].tokens[starts[i][0]:])))
-        if keep is not None:
+        if pending is not None:
             llama_cpp.llama_memory_seq_rm(self._memory, 0, keep_start, -1)
             self.cached_tokens = list(cached)
         rows: dict[int, dict] = {}
         carrier = None  # (path, sequence) held over from the last group
         try:
-            while todo or keep is not None:
-                shared = {i: self._shared(plan, i, carrier, keep is None) for i in todo}
-                placed, fresh = self._place(plan, todo, shared, carrier, keep)
-                if not placed and keep is None:
+            while todo or pending is not None:
+                shared = {i: self._shared(plan, i, carrier, pending is None) for i in todo}
+                placed, fresh = self._place(plan, todo, shared, carrier, pending)
+                if not placed and pending is None:
                     if carrier:  # its cells take the room: re-decode what it held instead
                         self._release_seq(carrier[1])
                         carrier = None
                         continue
                     if self._live:
                         raise Busy  # live samples hold the room: try after a step
-                    self.clear()  # the cached prompt takes the room: read without it
-                    return self._read_paths(paths, None)
+                    self.clear()  # the cached prompt takes the room: read without it,
+                    results = self._read_paths(paths, None)
+                    if keep is not None:
+                        self._read_paths([], keep)  # then cache it again
+                    return results
                 seqs = dict(zip(placed, self._free_seqs))
                 del self._free_seqs[:len(placed)]
                 for i, seq in seqs.items():
@@ -540,7 +542,7 @@ class Engine(Backend):
                     self._release_seq(carrier[1])
                 carrier = (placed[-1], seqs[placed[-1]]) if placed else None
                 owners = {i: (seqs[i], shared[i][0]) for i in placed}
-                if keep is not None:
+                if pending is not None:
                     owners[KEEP] = (0, 0)
                 owners = plan.owners(fresh, owners)
                 wants = [plan.wants(node) and node not in rows for node in fresh]
@@ -549,10 +551,10 @@ class Engine(Backend):
                                            [tuple(owners[n]) for n in fresh], wants,
                                            lambda j, row: plan.reduce(fresh[j], row))
                 rows.update((fresh[j], kept) for j, kept in decoded.items())
-                if keep is not None:
+                if pending is not None:
                     self._prompt_row = rows[plan.nodes_of[KEEP][-1]]["row"]
-                    self.cached_tokens = list(keep)
-                    keep = None
+                    self.cached_tokens = list(pending)
+                    pending = None
                 for i in placed[:-1]:
                     self._release_seq(seqs[i])
                 todo = todo[len(placed):]
@@ -579,13 +581,13 @@ class Engine(Backend):
             best = max(best, (plan.shared(path, KEEP), "keep"), key=lambda b: b[0])
         return best
 
-    def _place(self, plan: "_Trie", todo: list[int], shared: dict, carrier, keep):
-        """The next group: ``keep`` if it is still to decode, and the first paths of ``todo``
+    def _place(self, plan: "_Trie", todo: list[int], shared: dict, carrier, pending):
+        """The next group: the new prompt if it is ``pending``, and the first paths of ``todo``
         that fit the free sequences and cells; and the nodes it decodes (those it does not
         share with what is decoded), in trie order."""
         held = len(plan.nodes_of[carrier[0]]) if carrier else 0
         budget = self.n_ctx - len(self.cached_tokens) - self._reserved_cells() - held
-        fresh = list(plan.nodes_of[KEEP]) if keep is not None else []
+        fresh = list(plan.nodes_of[KEEP]) if pending is not None else []
         if len(fresh) > budget:
             raise Busy  # only live samples can hold the room (_check_fits)
         placed, seen = [], set(fresh)
