@@ -75,10 +75,12 @@ def enumerate_rows(model) -> list[tuple]:
             start = time.perf_counter()
             result = model.enumerate(messages, coverage=coverage, max_outputs=1000)
             took = time.perf_counter() - start
-            n = samples_for_tv([o.text_prob for o in full.outputs], 1 - coverage)
-            rows.append((f"enumerate {name} to coverage {coverage} ({result.decoded:,} tokens, "
-                         f"{len(result.outputs)} outputs)",
+            # The accuracy reached: the mass not listed (max_outputs can stop it short).
+            tv = 1 - result.coverage
+            n = samples_for_tv([o.text_prob for o in full.outputs], tv)
+            rows.append((f"enumerate {name}, coverage {coverage} asked, {result.coverage:.3f} "
+                         f"reached ({result.decoded:,} tokens, {len(result.outputs)} outputs)",
                          f"{n:,} samples (~{n * tokens_per_sample:,.0f} tokens) for TV "
-                         f"{1 - coverage:.2f}", took, n * per_sample, "speed-up", "",
+                         f"{tv:.3f}", took, n * per_sample, "speed-up", "",
                          n * per_sample / took))
     return rows
