@@ -534,7 +534,6 @@ class Engine(Backend):
                 del self._free_seqs[:len(placed)]
                 for i, seq in seqs.items():
                     depth, source = shared[i]
-                    source = {"keep": 0, "carrier": carrier and carrier[1], None: 0}[source]
                     if starts[i][0] + depth:
                         llama_cpp.llama_memory_seq_cp(self._memory, source, seq, 0,
                                                       starts[i][0] + depth)
@@ -571,14 +570,15 @@ class Engine(Backend):
         return results
 
     @staticmethod
-    def _shared(plan: "_Trie", path: int, carrier, keep_decoded: bool) -> tuple[int, str | None]:
-        """How many of ``path``'s nodes are already decoded, and which sequence holds them:
-        the carrier (the last group's last path) or sequence 0 (the new prompt, once decoded)."""
-        best = (0, None)
+    def _shared(plan: "_Trie", path: int, carrier, keep_decoded: bool) -> tuple[int, int]:
+        """How many of ``path``'s nodes are already decoded, and the sequence that holds them
+        (with the prompt before them): the carrier (the last group's last path) or sequence 0
+        (the cache, and the new prompt once decoded)."""
+        best = (0, 0)
         if carrier:
-            best = max(best, (plan.shared(path, carrier[0]), "carrier"), key=lambda b: b[0])
+            best = max(best, (plan.shared(path, carrier[0]), carrier[1]), key=lambda b: b[0])
         if keep_decoded and KEEP in plan.nodes_of:
-            best = max(best, (plan.shared(path, KEEP), "keep"), key=lambda b: b[0])
+            best = max(best, (plan.shared(path, KEEP), 0), key=lambda b: b[0])
         return best
 
     def _place(self, plan: "_Trie", todo: list[int], shared: dict, carrier, pending):
