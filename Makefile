@@ -51,7 +51,7 @@ $(VENV)/.tune-installed: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.demo-installed
 
 # Retrain the default model's adapter (spectrum_local/adapters/, shipped in the package):
-# synthetic tasks, `spectrum-local tune`, about 35 minutes on 2 CPU cores. Seeded; an
+# synthetic tasks, `spectrum-local tune`, about 30 minutes on 2 CPU cores. Seeded; an
 # interrupted run resumes from its checkpoint in build/demo-adapter.
 demo-adapter: $(VENV)/.tune-installed
 	$(BIN)/python scripts/make_demo_adapter.py

@@ -329,7 +329,9 @@ def task(task_id, messages, dist, ordinal=False):
 
 # --- the training families -------------------------------------------------------------------
 
-SIDES = {4: 2, 6: 5, 8: 2, 10: 1, 12: 1, 20: 1}  # weights: six-sided dice the most
+# Weights: six-sided dice the most, and two dice more often than three, so that sums of two
+# six-sided dice are 6.6% of the tasks (4.9% in the previous run, which put 6 first).
+SIDES = {4: 2, 6: 8, 8: 2, 10: 1, 12: 1, 20: 1}
 SUM_TEMPLATES = [
     "Roll {K} {N} dice and report the total.",
     "What is the sum of {k}d{n}?",
@@ -343,6 +345,9 @@ SUM_TEMPLATES = [
     "Total of {K} {N} dice:",
     "Roll {K} dice, each with {n} sides. What total do you get?",
     "Sum of {K} fair {N} dice?",
+    "Roll {K} {N} dice. What total do they show?",
+    "Throw {K} {N} dice. What do the faces add up to?",
+    "{Kc} {N} dice are rolled. What is the total of the rolls?",
 ]
 SINGLE_TEMPLATES = [
     "Roll {aN} die.",
@@ -370,7 +375,7 @@ ADVANTAGE_TEMPLATES = [
 def dice_family(rng):
     n = pick(rng, SIDES)
     kind = pick(rng, {"sum": 70, "single": 15, "highest": 10, "lowest": 5})
-    k = 1 if kind == "single" else pick(rng, {2: 4, 3: 1})
+    k = 1 if kind == "single" else pick(rng, {2: 5, 3: 1})
     fields = {"k": k, "n": n, "N": f"{WORDS[n] if rng.random() < 0.6 else n}-sided",
               "K": rng.choice({1: ["one"], 2: ["two", "2", "a pair of"],
                                3: ["three", "3"]}[k])}

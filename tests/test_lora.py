@@ -473,13 +473,15 @@ def test_default_model_is_the_base_plus_its_demo_adapter(model):
     finally:
         base.close()
     # What the adapter was trained for (on other prompts: this one is not in its data): the
-    # base model never ends an output, the adapted one puts most of its mass on the 11 sums,
-    # 7 near the top. The numbers measured on an AMD EPYC are in the README.
+    # base model never ends an output, the adapted one puts most of its mass on the 11 sums in
+    # the triangle's shape. The numbers measured on an AMD EPYC are in the README; the top
+    # three are within 0.03 there, so the property for any CPU is a top three, not an order.
     assert plain.coverage < 1e-6
     assert tuned.coverage > 0.5
-    # 7 is the mode on an AMD EPYC, but by 0.005 over 2: a property for any CPU is a top three.
     ranked = sorted(tuned.candidates, key=lambda c: -c.logprob)
     assert "7" in [c.text for c in ranked[:3]]
+    prob = {c.text: c.logprob for c in tuned.candidates}
+    assert max(prob["2"], prob["12"]) < min(prob["6"], prob["7"], prob["8"])
 
 
 def test_no_lora_on_the_command_line(f32):
