@@ -68,7 +68,7 @@ def test_one_token_outputs_equal_brute_force_over_the_whole_vocabulary(tiny):
 
 
 def test_two_token_outputs_agree_with_brute_force_over_the_likeliest_first_tokens(
-        model, layout_noise):
+        model, layout_bound):
     # The real default model, where outputs of two tokens ("10", "11", "12") are likely: every
     # output of at most two tokens with probability 1% or more, by brute force over the 200
     # likeliest first tokens (an output that likely needs a first token that likely).
@@ -92,7 +92,7 @@ def test_two_token_outputs_agree_with_brute_force_over_the_likeliest_first_token
     result = model.enumerate(DICE, coverage=1.0, min_prob=0.01, max_outputs=1000, max_tokens=2)
     assert result.stopped == "min_prob"
     listed = {o.text: o for o in result.outputs}
-    bound = 3 * layout_noise
+    bound = layout_bound
     for text, lp in outputs.items():
         if lp > math.log(0.01) + bound:
             assert text in listed, text

@@ -78,14 +78,14 @@ def test_the_cli_prints_the_same_json_with_server(f32_server, f32):
         pytest.approx([c["logprob"] for c in want["candidates"]], abs=EXACT)
 
 
-def test_quantized_model_through_the_server(model, layout_noise):
+def test_quantized_model_through_the_server(model, layout_bound):
     """On the default model: scores within the batch-layout noise, and one-token samples whose
     frequencies fit the top tokens' probabilities (chi-squared over the likely tokens)."""
     with running_server(["--ctx", "2048"]) as url:
         served = spectrum_local.connect(url)
         candidates = [str(n) for n in range(2, 13)]
         got, want = served.score(DICE, candidates), model.score(DICE, candidates)
-        bound = max(2 * layout_noise, 0.05)
+        bound = layout_bound
         for g, w in zip(got.candidates, want.candidates):
             assert g.logprob == pytest.approx(w.logprob, abs=bound)
 

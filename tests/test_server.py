@@ -124,10 +124,10 @@ def test_streamed_samples_are_the_same_samples(f32_server):
         assert {k: e[k] for k in ("text", "n_tokens", "finish_reason")} == whole[e["index"]]
 
 
-def test_quantized_score_over_http_is_within_the_layout_noise(model, layout_noise):
+def test_quantized_score_over_http_is_within_the_layout_noise(model, layout_bound):
     # The default model, in a server that merges this request with nothing: what differs from
     # the in-process call is the batch layout alone (measured in this run, see conftest).
-    bound = max(2 * layout_noise, 0.05)
+    bound = layout_bound
     with running_server(["--ctx", "2048"]) as url:
         for messages, candidates in PROMPTS.values():
             got = post(url, "/spectrum/v1/score", {"messages": messages, "candidates": candidates})
