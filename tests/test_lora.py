@@ -480,8 +480,8 @@ def test_default_model_is_the_base_plus_its_demo_adapter(model):
     assert tuned.coverage > 0.5
     ranked = sorted(tuned.candidates, key=lambda c: -c.logprob)
     assert "7" in [c.text for c in ranked[:3]]
-    prob = {c.text: c.logprob for c in tuned.candidates}
-    assert max(prob["2"], prob["12"]) < min(prob["6"], prob["7"], prob["8"])
+    logprob = {c.text: c.logprob for c in tuned.candidates}
+    assert max(logprob["2"], logprob["12"]) < min(logprob["6"], logprob["7"], logprob["8"])
 
 
 def test_no_lora_on_the_command_line(f32):
