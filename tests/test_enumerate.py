@@ -92,12 +92,11 @@ def test_two_token_outputs_agree_with_brute_force_over_the_likeliest_first_token
     result = model.enumerate(DICE, coverage=1.0, min_prob=0.01, max_outputs=1000, max_tokens=2)
     assert result.stopped == "min_prob"
     listed = {o.text: o for o in result.outputs}
-    bound = layout_bound
     for text, lp in outputs.items():
-        if lp > math.log(0.01) + bound:
+        if lp > math.log(0.01) + layout_bound:
             assert text in listed, text
         if text in listed:
-            assert listed[text].logprob == pytest.approx(lp, abs=bound)
+            assert listed[text].logprob == pytest.approx(lp, abs=layout_bound)
     assert set(listed) <= set(outputs)
     assert sum(o.n_tokens == 3 for o in result.outputs) >= 2  # "10", "11", "12"
 

@@ -215,15 +215,14 @@ def test_a_new_prompt_replaces_a_long_unrelated_cached_one(f32):
 
 def test_score_agrees_with_naive_within_the_layout_noise(model, naive, layout_bound):
     # The engine's batch layout is a third one. Clearly separated candidates keep their order.
-    bound = layout_bound
     for messages, candidates in PROMPTS.values():
         result = model.score(messages, candidates)
         reference = [naive_score(model, naive, messages, c) for c in candidates]
         for c, want in zip(result.candidates, reference):
-            assert c.logprob == pytest.approx(want, abs=bound)
+            assert c.logprob == pytest.approx(want, abs=layout_bound)
         for (a, ra), (b, rb) in zip(zip(result.candidates, reference),
                                     zip(result.candidates[1:], reference[1:])):
-            if abs(ra - rb) > 2 * bound:
+            if abs(ra - rb) > 2 * layout_bound:
                 assert (a.logprob > b.logprob) == (ra > rb)
 
 

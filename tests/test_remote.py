@@ -85,9 +85,8 @@ def test_quantized_model_through_the_server(model, layout_bound):
         served = spectrum_local.connect(url)
         candidates = [str(n) for n in range(2, 13)]
         got, want = served.score(DICE, candidates), model.score(DICE, candidates)
-        bound = layout_bound
         for g, w in zip(got.candidates, want.candidates):
-            assert g.logprob == pytest.approx(w.logprob, abs=bound)
+            assert g.logprob == pytest.approx(w.logprob, abs=layout_bound)
 
         prompt = [{"role": "description", "content": "A random capital letter."}]
         top = served.top(prompt, k=20)

@@ -127,11 +127,10 @@ def test_streamed_samples_are_the_same_samples(f32_server):
 def test_quantized_score_over_http_is_within_the_layout_noise(model, layout_bound):
     # The default model, in a server that merges this request with nothing: what differs from
     # the in-process call is the batch layout alone (measured in this run, see conftest).
-    bound = layout_bound
     with running_server(["--ctx", "2048"]) as url:
         for messages, candidates in PROMPTS.values():
             got = post(url, "/spectrum/v1/score", {"messages": messages, "candidates": candidates})
-            assert_same_score(got.json(), model.score(messages, candidates), bound)
+            assert_same_score(got.json(), model.score(messages, candidates), layout_bound)
         # vLLM's prompt_logprobs of prompt + candidate + end-of-output, summed over the
         # candidate's tokens, is the score (one sequence instead of a trie: another layout).
         prompt = model.prompt_tokens(DICE)
@@ -141,7 +140,7 @@ def test_quantized_score_over_http_is_within_the_layout_noise(model, layout_boun
             positions = post(url, "/v1/completions", body).json()["choices"][0]["prompt_logprobs"]
             summed = sum(positions[i][str(tokens[i])]["logprob"]
                          for i in range(len(prompt), len(tokens)))
-            assert summed == pytest.approx(c.logprob, abs=bound)
+            assert summed == pytest.approx(c.logprob, abs=layout_bound)
 
 
 # --- many clients at once ---------------------------------------------------------------------
