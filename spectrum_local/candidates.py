@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import InputError
-from .textfile import read_text
+from .textfile import check_unicode, read_text
 
 MAX_RANGE = 10_000  # a range larger than this is almost surely a typo
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(\d+))?$")
@@ -46,6 +46,7 @@ def resolve(value) -> list[str]:
         value = parse_spec(value)
     if not isinstance(value, list) or not value:
         raise InputError('"candidates" must be a non-empty list of strings or a spec like "2..12"')
+    check_unicode(value, "a candidate")
     return value
 
 
@@ -58,4 +59,5 @@ def read_file(path: str | Path) -> list[str]:
 def collect(specs: Iterable[str] = (), files: Iterable[str | Path] = ()) -> list[str]:
     candidates = [c for spec in specs for c in parse_spec(spec)]
     candidates += [c for f in files for c in read_file(f)]
+    check_unicode(candidates, "a candidate")
     return candidates

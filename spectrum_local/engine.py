@@ -31,6 +31,7 @@ import numpy as np
 from .backend import Backend, Busy, Generation, Path, PathResult, Step, best_tokens, logsumexp
 from .errors import InputError, SpectrumError
 from .ggufheader import read_header
+from .textfile import check_unicode
 
 # llama.cpp 0.3.36's limits: LLAMA_MAX_SEQ (llama-cparams.h) and GGML_MAX_N_THREADS (ggml.h);
 # more threads than OpenMP can start aborts the process.
@@ -344,6 +345,7 @@ class Engine(Backend):
         """Text to tokens. By default nothing in ``text`` is read as a control token and no BOS
         is added (message content). ``special`` parses control tokens written in the text and
         ``bos`` prepends the model's BOS if it uses one: a raw prompt, as vLLM tokenises it."""
+        check_unicode(text, "the text")  # the callers check first, naming the field
         data = text.encode("utf-8")
         capacity = len(data) + 8
         tokens = (llama_cpp.llama_token * capacity)()

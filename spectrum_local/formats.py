@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
 
 from .errors import InputError
+from .textfile import check_unicode
 
 ROLES = ("description", "input", "output")
 
@@ -179,6 +180,7 @@ def parse_messages(messages: Iterable[Mapping[str, object] | Message]) -> list[M
             raise InputError(f"message {i}: unknown role {role!r}; roles are {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise InputError(f"message {i}: content must be a string, got {content!r}")
+        check_unicode(content, f"message {i}'s content")
         parsed.append(Message(role, content))
     if not parsed:
         raise InputError("no messages: give a description (-d), example inputs and outputs "

@@ -21,6 +21,7 @@ from .enumeration import best_first
 from .results import (CandidateScore, EnumeratedOutput, EnumerateResult, Sample, ScoreResult,
                       TokenProb)
 from .source import find_gguf, locate
+from .textfile import check_unicode
 
 Messages = Iterable[Mapping[str, object] | formats.Message]
 
@@ -162,6 +163,7 @@ class SpectrumModel:
         check_int("k", k, 1)
         if k > self.engine.n_vocab:
             raise InputError(f"k={k} is larger than the vocabulary ({self.engine.n_vocab} tokens)")
+        check_unicode(prefix, "the prefix")
         best = self.engine.next_tokens(self.prompt_tokens(messages, prefix), k)
         return [TokenProb(self.engine.token_text(t), t, math.exp(lp), lp) for t, lp in best]
 
