@@ -3,7 +3,9 @@
 Each result line carries its input line's ``id`` and is flushed as soon as it is computed, so a
 killed job loses at most the line in flight; ``resume`` skips the ids already in the output
 (dropping a torn last line first). A malformed line, or one a server refuses, is reported
-with its number and skipped, or stops the job when ``strict``.
+with its number and skipped, or stops the job when ``strict``. ``open_batch`` does everything
+that can fail on the files (the output opened and locked, the input read and checked) before
+a model is loaded; ``BatchJob.run`` then runs the lines.
 
 Results are written in input order. Locally, lines run one at a time by default, so consecutive
 prompts that share a description and examples reuse the engine's cached prefix; with
@@ -16,12 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TextIO
+from typing import Any, Callable, Iterable, Iterator
 
 from . import candidates as candidate_specs
 from .display import Progress
@@ -29,7 +29,8 @@ from .engine import Engine
 from .errors import InputError
 from .model import SpectrumModel
 from .scheduler import Scheduler
-from .textfile import read_text
+from .textfile import (ResultsFile, check_unicode, jsonl_lines, open_results,
+                       parse_json_line, read_text)
 
 DEFAULT_PARALLEL = 16  # requests in flight against a server
 
@@ -65,6 +66,18 @@ def _run_enumerate(model: SpectrumModel, messages: list, options: dict) -> dict:
 
 RUNNERS: dict[str, Callable[[SpectrumModel, list, dict], dict]] = {
     "score": _run_score, "sample": _run_sample, "top": _run_top, "enumerate": _run_enumerate}
+
+# Per operation: the fields of a result line besides "id". A result line holds neither the
+# model nor the settings (its schema is the command's --json output), so --resume can check
+# only that an output holds results of the same operation; resuming with the same model and
+# options is up to the user.
+RESULT_FIELDS: dict[str, set[str]] = {
+    "score": {"coverage", "candidates"},
+    "sample": {"samples"},
+    "top": {"tokens"},
+    "enumerate": {"coverage", "unexplored", "exhausted", "stopped", "cut", "decoded",
+                  "outputs"},
+}
 
 
 @dataclass
@@ -119,12 +132,10 @@ def read_jobs(lines: Iterable[str], operation: str, defaults: dict,
 
 
 def _parse_line(number: int, text: str, operation: str, defaults: dict) -> Job:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"not valid JSON ({e.msg})") from None
+    obj = parse_json_line(text)
     if not isinstance(obj, dict):
         raise InputError("a line must be a JSON object")
+    check_unicode(obj, "the line")  # text that cannot be tokenized, nor written out
     messages = obj.get("messages", [])
     if not isinstance(messages, list):
         raise InputError('"messages" must be a list of {"role", "content"} objects')
@@ -151,91 +162,114 @@ def check_line(obj: dict, number: int, fields: dict, what: str, also: set[str]) 
     return ident
 
 
-def finished_records(out_path: Path) -> list[dict]:
-    """The result lines already in an output file. A torn last line, left by a killed job, is
-    cut off so that appending starts on a fresh line."""
-    if not out_path.exists():
-        return []
-    data = out_path.read_bytes()
-    complete = data[:data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        with open(out_path, "r+b") as f:
-            f.truncate(len(complete))
-    records = []
-    for number, raw in enumerate(complete.decode("utf-8", "replace").splitlines(), start=1):
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or "id" not in record:
-            raise InputError(f"{out_path} line {number} is not a result line; "
-                             "is it the output of an earlier run?")
-        records.append(record)
-    return records
+def _finished_id(operation: str, out: str) -> Callable[[int, dict], str]:
+    """For ``open_results``: a result line's id (as JSON text), once its fields show that it is
+    a result of ``operation``."""
+    def check(number: int, record: dict) -> str:
+        fields = set(record) - {"id"}
+        if fields != RESULT_FIELDS[operation]:
+            found = [name for name, names in RESULT_FIELDS.items() if names == fields]
+            what = f"a result of {found[0]}" if found else "not a batch result"
+            raise InputError(f"{out} line {number} is {what}, not of {operation}; resume a job "
+                             "with the command that started it, or choose another --out")
+        return json.dumps(record["id"])
+    return check
 
 
-def done_ids(out_path: Path) -> set[str]:
-    """Ids (as JSON text) already in the output."""
-    return {json.dumps(record["id"]) for record in finished_records(out_path)}
+@dataclass
+class BatchJob:
+    """A batch job ready to run: its output open and locked, its input read and checked, the
+    ids already done set aside. Closing it (as a context manager) releases the output."""
+
+    operation: str
+    in_path: str
+    out: ResultsFile
+    strict: bool
+    report: Callable[[str], None]
+    todo: list[Job] = field(default_factory=list)
+    summary: BatchSummary = field(default_factory=BatchSummary)
+
+    def fail(self, number: int, error: str) -> None:
+        """A bad line: reported and skipped, or the end of the job when ``strict``."""
+        if self.strict:
+            raise InputError(f"{self.in_path} line {number}: {error}")
+        self.report(f"{self.in_path} line {number}: {error} (skipped)")
+        self.summary.failed.append((number, error))
+
+    def run(self, model, shared_messages: list, parallel: int | None = None,
+            progress: bool = True) -> BatchSummary:
+        """Run the lines on ``model`` (a ``SpectrumModel`` or a ``remote.ServedModel``).
+        ``parallel``: lines in flight; default 1 locally, ``DEFAULT_PARALLEL`` against a
+        server."""
+        local = isinstance(getattr(model, "engine", None), Engine)
+        if parallel is None:
+            parallel = 1 if local else DEFAULT_PARALLEL
+        if parallel < 1:
+            raise InputError("--parallel must be at least 1")
+
+        def run(job: Job) -> dict:
+            return RUNNERS[self.operation](model, shared_messages + job.messages, job.options)
+
+        summary = self.summary
+        client = getattr(getattr(model, "engine", model), "client", None)  # a server's model
+        with contextlib.ExitStack() as stack:
+            if local and parallel > 1:
+                model = model.using(stack.enter_context(Scheduler(model.engine)))
+            bar = stack.enter_context(Progress(len(self.todo), enabled=progress))
+            try:
+                for job, outcome in _in_order(self.todo, run, parallel):
+                    tokens = 0
+                    if isinstance(outcome, InputError):
+                        self.fail(job.line, str(outcome))
+                    else:
+                        self.out.write({"id": job.id, **outcome})
+                        tokens = _tokens(outcome)
+                        summary.done += 1
+                        summary.tokens += tokens
+                    bar.advance(tokens)
+            except BaseException:
+                if client is not None:  # stopped (Ctrl-C, a failed server): end requests
+                    client.close()
+                raise
+        if client is not None:
+            summary.servers = {r.url: r.answered for r in client.replicas}
+        return summary
+
+    def __enter__(self) -> "BatchJob":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.out.__exit__(kind, error, traceback)
+
+
+def open_batch(operation: str, in_path: str, out_path: str, *, defaults: dict, resume: bool,
+               strict: bool, report: Callable[[str], None]) -> BatchJob:
+    """Get a batch job ready, before any model loads: the output opened and locked first (a
+    second job on it stops at once, even while this one waits for its input on stdin), then
+    the ids already in it (``resume``), then the input read and parsed, bad lines reported (or
+    the end of the job when ``strict``)."""
+    with contextlib.ExitStack() as cleanup:
+        out = cleanup.enter_context(open_results(out_path, resume=resume, source=in_path,
+                                                 check=_finished_id(operation, out_path)))
+        batch = BatchJob(operation, in_path, out, strict, report)
+        lines = jsonl_lines(read_text(in_path, "batch input"))
+        jobs = read_jobs(lines, operation, defaults, batch.fail)
+        finished = set(out.earlier)
+        batch.todo = [job for job in jobs if json.dumps(job.id) not in finished]
+        batch.summary.already = len(jobs) - len(batch.todo)
+        cleanup.pop_all()
+    return batch
 
 
 def run_batch(model, operation: str, in_path: str, out_path: str, *, defaults: dict,
               shared_messages: list, resume: bool, strict: bool,
               report: Callable[[str], None], parallel: int | None = None,
               progress: bool = True) -> BatchSummary:
-    """Run a batch job over ``model`` (a ``SpectrumModel`` or a ``remote.ServedModel``).
-    ``parallel``: lines in flight; default 1 locally, ``DEFAULT_PARALLEL`` against a server."""
-    summary = BatchSummary()
-    out = Path(out_path)
-    if not out.parent.is_dir():
-        raise InputError(f"the output folder {out.parent} does not exist")
-    if out.exists() and not resume:
-        raise InputError(f"{out} exists; pass --resume to continue that job, or choose another "
-                         "--out")
-    local = isinstance(getattr(model, "engine", None), Engine)
-    if parallel is None:
-        parallel = 1 if local else DEFAULT_PARALLEL
-    if parallel < 1:
-        raise InputError("--parallel must be at least 1")
-
-    def fail(number: int, error: str) -> None:
-        if strict:
-            raise InputError(f"{in_path} line {number}: {error}")
-        report(f"{in_path} line {number}: {error} (skipped)")
-        summary.failed.append((number, error))
-
-    jobs = read_jobs(read_text(in_path, "batch input").splitlines(), operation, defaults, fail)
-    finished = done_ids(out) if resume else set()
-    todo = [job for job in jobs if json.dumps(job.id) not in finished]
-    summary.already = len(jobs) - len(todo)
-
-    def run(job: Job) -> dict:
-        return RUNNERS[operation](model, shared_messages + job.messages, job.options)
-
-    client = getattr(getattr(model, "engine", model), "client", None)  # a server's model
-    with contextlib.ExitStack() as stack:
-        if local and parallel > 1:
-            model = model.using(stack.enter_context(Scheduler(model.engine)))
-        sink = stack.enter_context(open(out, "a" if resume else "x", encoding="utf-8"))
-        bar = stack.enter_context(Progress(len(todo), enabled=progress))
-        try:
-            for job, outcome in _in_order(todo, run, parallel):
-                tokens = 0
-                if isinstance(outcome, InputError):
-                    fail(job.line, str(outcome))
-                else:
-                    write_line(sink, {"id": job.id, **outcome})
-                    tokens = _tokens(outcome)
-                    summary.done += 1
-                    summary.tokens += tokens
-                bar.advance(tokens)
-        except BaseException:
-            if client is not None:  # stopped (Ctrl-C, a failed server): end requests in flight
-                client.close()
-            raise
-    if client is not None:
-        summary.servers = {r.url: r.answered for r in client.replicas}
-    return summary
+    """Run a batch job over ``model`` (a ``SpectrumModel`` or a ``remote.ServedModel``):
+    ``open_batch``, then ``BatchJob.run``."""
+    with open_batch(operation, in_path, out_path, defaults=defaults, resume=resume,
+                    strict=strict, report=report) as batch:
+        return batch.run(model, shared_messages, parallel, progress)
 
 
 def _in_order(jobs: list[Job], run: Callable[[Job], dict],
@@ -273,11 +307,3 @@ def _tokens(result: dict) -> int:
         return result["decoded"]
     items = result.get("candidates") or result.get("samples") or []
     return sum(item["n_tokens"] for item in items)
-
-
-def write_line(sink: TextIO, record: dict) -> None:
-    # One write per line, flushed: a killed job never leaves a result half on disk except
-    # possibly the line being written, which resume cuts off.
-    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-    sink.flush()
-    os.fsync(sink.fileno())

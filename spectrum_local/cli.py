@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -16,7 +17,7 @@ from . import display, formats
 from .engine import MAX_THREADS, MIN_CTX
 from .errors import InputError, SpectrumError
 from .model import SpectrumModel, load
-from .textfile import read_text
+from .textfile import open_results, read_text
 
 EXAMPLES = """
 \b
@@ -227,7 +228,7 @@ def _run(operation: str, messages: list[dict], loader, run_one, defaults,
         parsed = formats.parse_messages(messages)  # fail fast, before loading the model
         run_one(loader(), parsed)
         return
-    from .batch import run_batch
+    from .batch import open_batch
 
     if not batch_out:
         raise click.UsageError("--batch needs --out OUT.jsonl")
@@ -235,12 +236,14 @@ def _run(operation: str, messages: list[dict], loader, run_one, defaults,
         with warnings.catch_warnings():  # each line adds its own messages: check roles only
             warnings.simplefilter("ignore")
             formats.parse_messages(messages)
-    model = loader()
-    start = time.monotonic()
-    summary = run_batch(model, operation, batch_in, batch_out, defaults=defaults,
-                        shared_messages=messages, resume=resume, strict=strict,
-                        parallel=parallel,
-                        report=lambda line: click.echo(f"warning: {line}", err=True))
+    # The files first (the output opened, locked and checked, the input read): their errors
+    # come at once, not after the model has loaded.
+    with open_batch(operation, batch_in, batch_out, defaults=defaults, resume=resume,
+                    strict=strict,
+                    report=lambda line: click.echo(f"warning: {line}", err=True)) as batch:
+        model = loader()
+        start = time.monotonic()
+        summary = batch.run(model, messages, parallel)
     click.echo(summary.line(time.monotonic() - start), err=True)
 
 
@@ -511,12 +514,16 @@ def evaluate(tasks_file, suite, vs_model, seed, no_end_token, out_file, resume, 
         check_available()
         if not os.path.isdir(os.path.dirname(os.path.abspath(plot_file))):
             raise InputError(f"the folder of --plot {plot_file} does not exist")
-    first = _load(model, format_name, gpu_layers, threads, ctx_size, lora, no_lora)
-    # "--vs default": the default model with its adapter (what `eval --no-lora` leaves out).
-    second = (_load(None if vs_model == "default" else vs_model, None, gpu_layers, threads,
-                    ctx_size) if vs_model else None)
-    report = run_eval(first, tasks, vs=second, seed=seed, end_token=not no_end_token,
-                      out=out_file, resume=resume).to_dict()
+    # The output is opened, locked and read before the models load (which settings made its
+    # results is checked once they have).
+    with (open_results(out_file, resume=resume, source=tasks_file) if out_file
+          else contextlib.nullcontext()) as out:
+        first = _load(model, format_name, gpu_layers, threads, ctx_size, lora, no_lora)
+        # "--vs default": the default model with its adapter (what `eval --no-lora` leaves out).
+        second = (_load(None if vs_model == "default" else vs_model, None, gpu_layers, threads,
+                        ctx_size) if vs_model else None)
+        report = run_eval(first, tasks, vs=second, seed=seed, end_token=not no_end_token,
+                          out=out).to_dict()
     if plot_file:
         from .plot import plot_report
         plot_report(report, plot_file)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 import random
 import re
 import warnings
@@ -30,12 +29,13 @@ import numpy as np
 from . import candidates as candidate_specs
 from . import formats, metrics
 from .backend import logsumexp
-from .batch import check_line, finished_records, write_line
+from .batch import check_line
 from .display import Progress
 from .errors import InputError
 from .model import MAX_SAMPLES, SpectrumModel
 from .results import _Result
-from .textfile import read_text
+from .textfile import (ResultsFile, check_unicode, jsonl_lines, open_results,
+                       parse_json_line, read_text)
 
 SUITES = ("basic",)
 DEFAULT_K = (0, 1, 2, 4, 8)
@@ -149,19 +149,17 @@ def load_tasks(path: str | None = None, suite: str | None = None) -> list[Task]:
         name = "stdin" if path == "-" else path
         text = read_text(path, "task file")
     tasks, errors, seen = [], [], set()
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", UserWarning)  # a warned-about prompt is an error
-                task = _parse_task(json.loads(line), number)
+                task = _parse_task(parse_json_line(line), number)
             if json.dumps(task.id) in seen:
                 raise InputError(f"duplicate id {task.id!r}")
             seen.add(json.dumps(task.id))
             tasks.append(task)
-        except json.JSONDecodeError as e:
-            errors.append(f"{name} line {number}: not valid JSON ({e.msg})")
         except (InputError, UserWarning) as e:
             errors.append(f"{name} line {number}: {e}")
     if errors:
@@ -175,6 +173,7 @@ def load_tasks(path: str | None = None, suite: str | None = None) -> list[Task]:
 def _parse_task(obj, number: int) -> Task:
     if not isinstance(obj, dict):
         raise InputError("a task must be a JSON object")
+    check_unicode(obj, "the task")
     kind = obj.get("type")
     if kind not in FIELDS:
         raise InputError(f'"type" must be one of {", ".join(FIELDS)}, got {kind!r}')
@@ -478,23 +477,23 @@ def _means(rows: list[dict]) -> dict:
 
 
 def evaluate(model: SpectrumModel, tasks: list[Task], *, vs: SpectrumModel | None = None,
-             seed: int = 0, end_token: bool = True, out: str | None = None,
+             seed: int = 0, end_token: bool = True, out: str | ResultsFile | None = None,
              resume: bool = False, progress: bool = True) -> EvalReport:
     """Run ``tasks`` on ``model`` (and compare with ``vs``). With ``out``, each task's result
     is appended to that JSONL file as it completes; ``resume`` reads the results already
-    there (from the same models and settings) and runs only the rest."""
+    there (from the same models and settings) and runs only the rest. ``out`` may also be a file
+    that ``open_results`` opened (and read, with ``resume``): the command line opens it before
+    loading the models."""
+    if isinstance(out, (str, Path)):
+        with open_results(out, resume=resume) as opened:
+            return evaluate(model, tasks, vs=vs, seed=seed, end_token=end_token, out=opened,
+                            progress=progress)
     run = {"model": model_label(model), "vs": model_label(vs) if vs else None, "seed": seed,
            "end_token": end_token}
-    done = _read_done(out, run, tasks) if out and resume else {}
-    if out and not resume and Path(out).exists():
-        raise InputError(f"{out} exists; pass --resume to continue that run, or choose "
-                         "another --out")
-    if out and not Path(out).parent.is_dir():
-        raise InputError(f"the output folder {Path(out).parent} does not exist")
+    done = _read_done(out, run, tasks) if out is not None else {}
     results = []
     todo = [t for t in tasks if json.dumps(t.id) not in done]
-    with Progress(len(todo), enabled=progress) as bar, \
-            (open(out, "a" if resume else "x", encoding="utf-8") if out else nullcontext()) as sink:
+    with Progress(len(todo), enabled=progress) as bar:
         for task in tasks:
             key = json.dumps(task.id)
             if key in done:
@@ -502,8 +501,8 @@ def evaluate(model: SpectrumModel, tasks: list[Task], *, vs: SpectrumModel | Non
             else:
                 result = (compare_task(model, vs, task, seed=seed, end_token=end_token) if vs
                           else run_task(model, task, seed=seed, end_token=end_token))
-                if sink is not None:
-                    write_line(sink, {**run, **result.to_dict()})
+                if out is not None:
+                    out.write({**run, **result.to_dict()})
                 bar.advance()
             results.append(result)
     return EvalReport(run["model"], model.format, seed, end_token, results, run["vs"])
@@ -515,21 +514,21 @@ def model_label(model: SpectrumModel) -> str:
     return " + ".join([model.path] + [f"{Path(a['path']).name}:{a['scale']:g}" for a in adapters])
 
 
-def _read_done(out: str, run: dict, tasks: list[Task]) -> dict:
-    """The results in ``out`` by id (as JSON text), checked to come from this run."""
-    if not Path(out).exists():
-        return {}
+def _read_done(out: ResultsFile, run: dict, tasks: list[Task]) -> dict:
+    """The results already in ``out`` (resume) by id (as JSON text), checked to come from this
+    run: the model's label is known only once it has loaded."""
     ids = {json.dumps(t.id) for t in tasks}
     done = {}
-    for number, record in enumerate(finished_records(Path(out)), start=1):
+    for number, record in enumerate(out.earlier, start=1):
         settings = {name: record.get(name) for name in run}
         if settings != run:
             different = ", ".join(f"{name} {settings[name]!r}" for name in run
                                   if settings[name] != run[name])
-            raise InputError(f"{out} line {number} is from another run ({different}); choose "
-                             "another --out or the same settings")
+            raise InputError(f"{out.name} line {number} is from another run ({different}); "
+                             "choose another --out or the same settings")
         if json.dumps(record["id"]) not in ids:
-            raise InputError(f"{out} line {number}: task {record['id']!r} is not in these tasks")
+            raise InputError(f"{out.name} line {number}: task {record['id']!r} is not in these "
+                             "tasks")
         kind = Comparison if run["vs"] else TaskResult
         done[json.dumps(record["id"])] = kind.from_dict(
             {k: v for k, v in record.items() if k not in run})
