@@ -40,9 +40,14 @@ def find_gguf(spec: str, what: str = "model") -> str:
     """The path of a .gguf file given as a path or ``REPO_ID:FILE.gguf`` on the hub (a model,
     or with ``what="LoRA adapter"`` an adapter)."""
     path = Path(spec).expanduser()
-    if path.is_file():
-        return str(path)
-    if path.is_dir():
+    try:
+        if path.is_file():
+            with open(path, "rb"):  # unreadable: say so now, not "could not load" from llama.cpp
+                return str(path)
+        is_dir = path.is_dir()
+    except OSError as e:  # a folder on the way that cannot be searched, a file not readable
+        raise InputError(f"cannot read the {what} {spec}: {e.strerror}") from None
+    if is_dir:
         hint = ("convert a PEFT adapter folder with: spectrum-local convert-lora"
                 if what != "model" else "convert a checkpoint folder with: spectrum-local convert")
         raise InputError(f"{spec} is a folder; a {what} is a .gguf file ({hint})")
