@@ -7,12 +7,13 @@ import sys
 import threading
 import time
 from io import StringIO
+from pathlib import Path
 
 import pytest
 from conftest import DICE
 from conftest import EXACT, FEW_SHOT
 
-from spectrum_local.batch import run_batch
+from spectrum_local.batch import RESULT_FIELDS, run_batch
 from spectrum_local.display import Progress
 
 SHARED = "A random fruit, as one lowercase word."
@@ -185,3 +186,125 @@ def test_threads_share_one_model(f32_models):
             assert got == pytest.approx(expected[i], abs=EXACT)
         else:
             assert got == expected[i]
+
+
+# Lines whose text is not valid Unicode (JSON's "\ud800" escapes hold lone surrogates), anywhere.
+NOT_UNICODE = [{"id": "\ud800", "messages": DICE},
+               {"id": "content", "messages": [{"role": "description", "content": "a\udfffb"}]},
+               {"id": "prefix", "messages": DICE, "prefix": "\ud800"},
+               {"id": "name", "messages": DICE, "\ud800": 1}]
+
+
+def test_text_that_is_not_unicode_is_a_bad_line(tmp_path):
+    """Each such line is reported with its number and skipped (with --strict: the end of the
+    job, before the model loads); every good line around them gets its result."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good = [{"id": i, "messages": DICE, "k": 2} for i in range(6)]
+    write_lines(src, good[:2] + NOT_UNICODE[:2] + good[2:4] + NOT_UNICODE[2:] + good[4:])
+    proc = cli("top", "--batch", str(src), "--out", str(out))
+    _, err = proc.communicate(timeout=300)
+    err = err.decode()
+    assert proc.returncode == 0, err
+    assert [r["id"] for r in read_results(out)] == list(range(6))
+    for number in (3, 4, 7, 8):
+        assert f"line {number}: the line" in err and "not valid Unicode" in err
+    assert "4 line(s) skipped: 3, 4, 7, 8" in err
+    strict = cli("top", "--batch", str(src), "--out", str(tmp_path / "strict.jsonl"), "--strict",
+                 "-m", str(tmp_path / "missing.gguf"))
+    _, err = strict.communicate(timeout=300)
+    assert strict.returncode == 2 and err.decode().count("\n") == 1
+    assert "line 3: the line" in err.decode() and "not valid Unicode" in err.decode()
+    assert not (tmp_path / "strict.jsonl").exists()  # a job that wrote nothing leaves no file
+
+
+@pytest.mark.http
+def test_text_that_is_not_unicode_is_a_bad_line_with_a_server(f32_server, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": "ok", "messages": DICE, "candidates": ["2", "7"]},
+             {"id": "candidate", "messages": DICE, "candidates": ["2", "\udc80"]},
+             *[{**line, "candidates": "2..3"} for line in NOT_UNICODE if "prefix" not in line],
+             {"id": "ok too", "messages": DICE, "candidates": "7,8"}]
+    write_lines(src, lines)
+    proc = cli("score", "--batch", str(src), "--out", str(out), "--server", f32_server)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    assert [r["id"] for r in read_results(out)] == ["ok", "ok too"]
+    assert "4 line(s) skipped: 2, 3, 4, 5" in err.decode()
+
+
+def test_a_line_separator_inside_a_string_is_not_a_line_break(f32_models, tmp_path):
+    """JSON strings may hold U+2028 and U+0085 unescaped (json.dumps(ensure_ascii=False) writes
+    them so): lines are split at newlines only, in the input and in a resumed output."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": f"a\u2028{i}", "messages": DICE},
+                                      ensure_ascii=False) + "\n" for i in range(2)))
+    args = dict(defaults={"candidates": ["7\u0085"]}, shared_messages=[], strict=True,
+                report=print, progress=False)
+    run_batch(f32_models["qwen3"], "score", str(src), str(out), resume=False, **args)
+    out.write_text(out.read_text().split("\n")[0] + "\n")  # as if killed after one line
+    summary = run_batch(f32_models["qwen3"], "score", str(src), str(out), resume=True, **args)
+    assert summary.already == 1 and summary.done == 1
+    assert [r["id"] for r in map(json.loads, out.read_text().split("\n")[:-1])] == \
+        ["a\u20280", "a\u20281"]
+
+
+def holds_lock(pid: int, path) -> bool:
+    """Whether process ``pid`` holds a flock on ``path``, read from /proc/locks: looking does
+    not take the lock (trying to would race with the job)."""
+    inode = path.stat().st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <major:minor:inode> 0 EOF"
+        if fields[1] == "FLOCK" and fields[4] == str(pid) and \
+                fields[5].split(":")[-1] == str(inode):
+            return True
+    return False
+
+
+def wait_for(event, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while not event():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="reads Linux's /proc/locks")
+def test_a_second_job_on_the_same_output_stops_at_once(tmp_path):
+    """The first job locks its output before it reads its input (here stdin, kept open): a
+    second job on the same output, with --resume or without, exits 2 at once with one line
+    and leaves the file alone; the first then runs in full, each id once."""
+    out = tmp_path / "out.jsonl"
+    src = tmp_path / "in.jsonl"
+    write_lines(src, [{"id": i, "messages": DICE} for i in range(3)])
+    first = cli("top", "-k", "2", "--batch", "-", "--out", str(out), "--resume",
+                stdin=subprocess.PIPE)
+    wait_for(lambda: out.exists() and holds_lock(first.pid, out))
+    for resume in (("--resume",), ()):
+        second = cli("top", "-k", "2", "--batch", str(src), "--out", str(out), *resume)
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 2 and err.decode().count("\n") == 1, err.decode()
+        assert ("is being written by another job" if resume else "exists") in err.decode()
+        assert out.read_bytes() == b""
+    _, err = first.communicate(src.read_bytes(), timeout=300)
+    assert first.returncode == 0, err.decode()
+    assert [r["id"] for r in read_results(out)] == [0, 1, 2]
+
+
+def test_resume_refuses_the_output_of_another_operation(f32_models, tmp_path):
+    """Result lines name neither the model nor the operation; their fields tell the operation
+    (RESULT_FIELDS, checked here against real results of each)."""
+    src = tmp_path / "in.jsonl"
+    write_lines(src, [{"id": 1, "messages": DICE}])
+    options = {"score": {"candidates": ["2", "3"]}, "sample": {"max_tokens": 2}, "top": {},
+               "enumerate": {"max_tokens": 2, "max_outputs": 2}}
+    for operation, fields in RESULT_FIELDS.items():
+        out = tmp_path / f"{operation}.jsonl"
+        run_batch(f32_models["qwen3"], operation, str(src), str(out),
+                  defaults=options[operation], shared_messages=[], resume=False, strict=True,
+                  report=print, progress=False)
+        assert [set(r) - {"id"} for r in read_results(out)] == [fields]
+    before = (tmp_path / "top.jsonl").read_bytes()
+    proc = cli("score", "--batch", str(src), "--out", str(tmp_path / "top.jsonl"), "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err.decode().count("\n") == 1
+    assert "top.jsonl line 1 is a result of top, not of score" in err.decode()
+    assert (tmp_path / "top.jsonl").read_bytes() == before

@@ -202,3 +202,18 @@ def test_env_var_selects_the_model(tmp_path):
 def test_help_teaches():
     out = run("score", "--help").stdout.decode()
     assert "2..12" in out and "coverage" in out.lower() and "--candidates-file" in out
+
+
+@pytest.mark.parametrize("args,stdin,place", [
+    (("top", "--messages", "-"), b'[{"role": "description", "content": "a\\ud800b"}]',
+     "lone surrogate U+D800"),
+    (("top", "-d", b"a\xffb"), None, "the byte 0xFF"),
+    (("score", "-d", "x", "-c", b"1,\xfe"), None, "the byte 0xFE"),
+])
+def test_text_that_is_not_unicode_is_one_line_before_the_model_loads(args, stdin, place):
+    """A lone surrogate in a messages file, or a byte that is not UTF-8 in an argument: exit 2
+    with one line, before the model loads (the missing model is never reached)."""
+    proc = run(*args, "-m", "/nonexistent/model.gguf", stdin=stdin)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert err.count("\n") == 1 and "not valid Unicode" in err and place in err, err
