@@ -102,7 +102,8 @@ def open_results(path: str | os.PathLike, *, resume: bool, source: str | None = 
     except OSError as e:
         folder = os.path.dirname(os.path.abspath(name))
         if e.errno == errno.ENOENT and not os.path.isdir(folder):
-            raise InputError(f"the output folder {folder} does not exist") from None
+            raise InputError(f"cannot write {name}: the folder {folder} does not exist") \
+                from None
         raise InputError(f"cannot write {name}: {e.strerror}") from None
     with contextlib.ExitStack() as cleanup:
         results = cleanup.enter_context(ResultsFile(name, fd, created=not existed))
