@@ -167,19 +167,25 @@ def test_bad_task_lines_are_reported_with_their_numbers(tmp_path):
         task_line(id="ok", **GEN),
         task_line(**{k: v for k, v in GEN.items() if k != "int_range"}, regex="(unclosed"),
         task_line(**{**GEN, "n": True}),
+        task_line(**{**DIST, "messages": [{"role": "description", "content": "a\ud800"}]}),
+        task_line(id="\udfff", **DIST),
+        "[" * 100_000 + "]" * 100_000,  # deeper than the JSON parser goes
+        json.dumps({**STEER, "id": "U+2028 stays inside its line: \u2028"}, ensure_ascii=False),
     ]
     path = tmp_path / "tasks.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(InputError) as error:
         load_tasks(str(path))
     reported = str(error.value).splitlines()
-    assert [line.split(":")[0] for line in reported] == [f"{path} line {n}" for n in range(2, 13)]
+    assert [line.split(":")[0] for line in reported] == [f"{path} line {n}" for n in range(2, 16)]
     for needle, line in [("not valid JSON", 2), ("sum to 0.95", 3), ("negative", 4),
                          ("repeated candidate", 5), ("unknown field(s) for a generation task: "
                                                      "validator", 6),
                          ("exactly one validator", 7), ("at least 9 examples", 8),
                          ('"type" must be one of', 9), ("duplicate id 'ok'", 10),
-                         ("does not compile", 11), ('"n" has the wrong type', 12)]:
+                         ("does not compile", 11), ('"n" has the wrong type', 12),
+                         ("lone surrogate U+D800", 13), ("lone surrogate U+DFFF", 14),
+                         ("not valid JSON", 15)]:
         assert needle in reported[line - 2], (needle, reported[line - 2])
 
 
