@@ -169,9 +169,10 @@ def _finished_id(operation: str, out: str) -> Callable[[int, dict], str]:
         fields = set(record) - {"id"}
         if fields != RESULT_FIELDS[operation]:
             found = [name for name, names in RESULT_FIELDS.items() if names == fields]
-            what = f"a result of {found[0]}" if found else "not a batch result"
-            raise InputError(f"{out} line {number} is {what}, not of {operation}; resume a job "
-                             "with the command that started it, or choose another --out")
+            what = (f"a result of {found[0]}, not of {operation}" if found
+                    else f"not a result of {operation}")
+            raise InputError(f"{out} line {number} is {what}; resume a job with the command "
+                             "that started it, or choose another --out")
         return json.dumps(record["id"])
     return check
 
