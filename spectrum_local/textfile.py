@@ -34,11 +34,12 @@ def read_text(path: str | Path, what: str) -> str:
         raise InputError(f"{what} {name} is not UTF-8 text") from None
 
 
-def check_unicode(value, what: str) -> None:
+def check_unicode(value, what: str, _where: str = "") -> None:
     """Refuse text that cannot be encoded as UTF-8, anywhere in ``value`` (a string, or JSON's
     lists and objects): a lone surrogate such as JSON's ``"\\ud800"``, or an undecodable byte
     that Python smuggled into a command-line argument (``-d $'a\\xffb'``). Such text would
-    fail later, half-way through a job, in the tokenizer or in a result line."""
+    fail later, half-way through a job, in the tokenizer or in a result line. The error names
+    the place in ``value``: ``the request body (at messages[0].content)``."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -46,15 +47,16 @@ def check_unicode(value, what: str) -> None:
             char = ord(value[e.start])
             found = (f"the byte 0x{char - 0xDC00:02X}, which is not UTF-8"
                      if 0xDC80 <= char <= 0xDCFF else f"a lone surrogate U+{char:04X}")
-            raise InputError(f"{what} is not valid Unicode text: it holds {found} (character "
-                             f"{e.start + 1})") from None
+            at = f" (at {_where.lstrip('.')})" if _where else ""
+            raise InputError(f"{what}{at} is not valid Unicode text: it holds {found} "
+                             f"(character {e.start + 1})") from None
     elif isinstance(value, dict):
         for key, item in value.items():
-            check_unicode(key, what)
-            check_unicode(item, what)
+            check_unicode(key, what, _where)
+            check_unicode(item, what, f"{_where}.{key}")
     elif isinstance(value, (list, tuple)):
-        for item in value:
-            check_unicode(item, what)
+        for index, item in enumerate(value):
+            check_unicode(item, what, f"{_where}[{index}]")
 
 
 def jsonl_lines(text: str) -> list[str]:
