@@ -3,7 +3,6 @@ family's format, turns them into tokens, asks the engine, and returns typed resu
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import os
@@ -22,6 +21,7 @@ from .results import (CandidateScore, EnumeratedOutput, EnumerateResult, Sample,
                       TokenProb)
 from .source import find_gguf, locate
 from .textfile import check_unicode
+from .tokencache import TokenCache
 
 Messages = Iterable[Mapping[str, object] | formats.Message]
 
@@ -73,9 +73,7 @@ class SpectrumModel:
                                     f"is not a {fmt.name}-format model (try --format)")
             self._control_ids[marker] = token
         self.end_of_output_id = self._control_ids[fmt.end_of_output]
-        # Prompts repeat their text runs (every candidate, every line of a batch job re-renders
-        # the same description and examples): tokenise each distinct run once.
-        self._text_tokens = functools.lru_cache(maxsize=4096)(engine.tokenize)
+        self._text_tokens = TokenCache(engine.tokenize, longest=getattr(engine, "n_ctx", None))
 
     def __repr__(self) -> str:
         return f"SpectrumModel({self.path!r}, format={self.format!r})"
