@@ -540,7 +540,7 @@ def evaluate(tasks_file, suite, vs_model, seed, no_end_token, out_file, resume, 
 Examples:
   spectrum-local serve                                   # http://127.0.0.1:8717/
   spectrum-local serve --model spectrum-gemma-3-12b-v1-Q4_K_M.gguf --api-key s3cret
-  curl -s localhost:8717/spectrum/v1/score -d '{"messages": [{"role": "description",
+  curl -s localhost:8717/spectrum/v1/score --json '{"messages": [{"role": "description",
     "content": "Roll two six-sided dice. What is the sum of their values?"}],
     "candidates": "2..12"}'
 """)
@@ -555,10 +555,19 @@ Examples:
 @click.option("--cors-origin", multiple=True, metavar="ORIGIN",
               help="Let pages from ORIGIN call the API (repeatable; e.g. an Electron or Tauri "
                    "app's origin). Default: no cross-origin access.")
+@click.option("--allowed-host", multiple=True, metavar="NAME",
+              help="Accept requests whose Host header is NAME (repeatable; '*' for any). "
+                   "Default: on a loopback --host, only localhost, 127.0.0.1 and [::1], so a "
+                   "web page that re-points its own name at this machine (DNS rebinding) is "
+                   "refused; on a network --host, any.")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, metavar="SECONDS",
+              help="Seconds a client has to send a request's headers, and again its body; "
+                   "slower connections are closed (a slow body gets a 408).")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish.")
 def serve(model, format_name, gpu_layers, threads, ctx_size, lora, no_lora, host, port,
-          api_key, cors_origin, grace):
+          api_key, cors_origin, allowed_host, request_timeout, grace):
     """Keep one model loaded and answer HTTP: the native API, an OpenAI-compatible
     /v1/completions, and a web page at / that charts scores, top tokens and samples.
 
@@ -567,27 +576,17 @@ def serve(model, format_name, gpu_layers, threads, ctx_size, lora, no_lora, host
     pip install 'spectrum-local[serve]'.
     """
     try:
-        from .server import check_address, serve as run_server
+        from .server import check_address, is_loopback, serve as run_server
     except ImportError as e:
         raise SpectrumError(f"serve needs its extra: pip install 'spectrum-local[serve]' ({e})") \
             from None
     check_address(host, port)
-    if not _is_loopback(host) and not api_key:
+    if not is_loopback(host) and not api_key:
         click.echo(f"warning: binding {host} without --api-key: anyone who can reach this "
                    "machine can use the model", err=True)
     run_server(_load(model, format_name, gpu_layers, threads, ctx_size, lora, no_lora), host=host,
-               port=port, api_key=api_key, cors_origins=tuple(cors_origin), grace=grace)
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+               port=port, api_key=api_key, cors_origins=tuple(cors_origin),
+               allowed_hosts=tuple(allowed_host), timeout=request_timeout, grace=grace)
 
 
 @cli.command()

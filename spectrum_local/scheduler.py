@@ -57,10 +57,12 @@ class Scheduler(Backend):
         self._thread.join()
 
     def load(self) -> dict:
-        """What the engine is doing now (for /health and the tests)."""
+        """What the engine is doing now, and the tokens it has evaluated since it started (for
+        /spectrum/v1/info and the tests)."""
         with self._wake:
             return {"live_samples": self.engine.live_samples, "queued_reads": len(self._reads),
-                    "queued_jobs": len(self._new_jobs)}
+                    "queued_jobs": len(self._new_jobs),
+                    "tokens_evaluated": self.engine.tokens_evaluated}
 
     def __getattr__(self, name: str):
         # Tokens and model facts come straight from the engine (read-only, thread-safe).

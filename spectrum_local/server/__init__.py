@@ -1,6 +1,8 @@
 """``spectrum-local serve``: one loaded model behind HTTP for desktop tools and other clients.
 
-- ``app.py``     the ASGI app: native routes (one per operation), auth, limits, errors, the page
+- ``app.py``     the ASGI app: native routes (one per operation), auth, error handlers, the page
+- ``guard.py``   what a request must be before any route runs (Host, Origin, JSON, size, time)
+- ``errors.py``  the error body
 - ``schemas.py`` the request bodies of the native routes (typed, unknown fields rejected)
 - ``openai.py``  the OpenAI/vLLM-compatible routes (/v1/completions, /v1/models, /tokenize, ...)
 - ``static/``    the web page at ``/`` (self-contained: no CDN)
@@ -11,6 +13,7 @@ The model's backend is a ``Scheduler``, which merges concurrent requests into sh
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import sys
 
@@ -19,6 +22,17 @@ from ..errors import InputError
 # Samples per request on a shared service (the Python API allows more, see model.MAX_SAMPLES;
 # a remote.ServedModel splits larger n into requests of this size).
 MAX_N = 256
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a bind address, or the name in a Host header) is this machine only."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def check_address(host: str, port: int) -> None:
@@ -34,21 +48,26 @@ def check_address(host: str, port: int) -> None:
 
 
 def serve(model, *, host: str, port: int, api_key: str | None, cors_origins: tuple[str, ...],
-          grace: float) -> None:
+          allowed_hosts: tuple[str, ...], timeout: float, grace: float) -> None:
     """Serve ``model`` until Ctrl-C or SIGTERM; then stop accepting, give requests in flight
-    ``grace`` seconds, and return."""
+    ``grace`` seconds, and return. The Host header is checked on a loopback bind, or when
+    ``allowed_hosts`` names the server's names on the network (see ``guard``)."""
     import uvicorn
 
     from ..scheduler import Scheduler
     from .app import create_app
+    from .guard import GuardedH11
 
     shown = f"[{host}]" if ":" in host else host
     print(f"spectrum-local: serving {model.path} ({model.format} format) at http://{shown}:{port}/ "
           "(the page; API docs at /docs)", file=sys.stderr, flush=True)
     with Scheduler(model.engine) as scheduler:
-        app = create_app(model.using(scheduler), api_key=api_key, cors_origins=cors_origins)
+        checked = allowed_hosts if is_loopback(host) or allowed_hosts else None
+        app = create_app(model.using(scheduler), api_key=api_key, cors_origins=cors_origins,
+                         allowed_hosts=checked, timeout=timeout)
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace,
-                                log_level="info", access_log=False)
+                                http=GuardedH11.with_timeout(timeout), log_level="info",
+                                access_log=False)
         try:
             uvicorn.Server(config).run()
         except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down for: done

@@ -18,24 +18,18 @@ from typing import Any, Awaitable, Callable
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 
 from .. import candidates as candidate_specs
 from ..errors import InputError, SpectrumError
 from ..model import SpectrumModel
 from . import schemas
-
-MAX_BODY = 4 * 2**20  # bytes: a prompt of a million characters is not a desktop tool's call
-
-
-def error_response(status: int, message: str, kind: str | None = None) -> JSONResponse:
-    kind = kind or {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                    405: "MethodNotAllowed", 413: "RequestTooLarge",
-                    422: "UnprocessableEntity"}.get(status, "InternalServerError")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None,
-                                   "code": status}}, status_code=status)
+from .errors import error_response
+from .guard import MAX_BODY, REQUEST_TIMEOUT, RequestGuard
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -49,50 +43,26 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts[:5]) + (f" (and {len(parts) - 5} more)" if len(parts) > 5 else "")
 
 
-class BodyLimit:
-    """Refuses bodies over ``limit`` bytes with a 413 before they are read into memory. Every
-    body is JSON: one sent as a form (``curl -d``'s default type) is read as JSON too."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if headers.get(b"content-type", b"").startswith(b"application/x-www-form-urlencoded"):
-            headers[b"content-type"] = b"application/json"
-            scope = {**scope, "headers": list(headers.items())}
-        declared = headers.get(b"content-length")
-        too_large = error_response(413, f"the request body is larger than {self.limit} bytes")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await too_large(scope, receive, send)
-        seen = 0
-
-        async def counted_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, counted_receive, send)
-        except _TooLarge:
-            await too_large(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-
-
 def create_app(model: SpectrumModel, *, api_key: str | None = None,
-               cors_origins: tuple[str, ...] = (), max_body: int = MAX_BODY) -> FastAPI:
-    app = FastAPI(title="spectrum-local", version=_version(),
-                  description="Spectrum-tuned models: score, sample, top, enumerate; "
-                              "OpenAI-compatible completions. Errors: "
-                              "{\"error\": {\"message\", \"type\"}}.")
+               cors_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] | None = (),
+               max_body: int = MAX_BODY, timeout: float = REQUEST_TIMEOUT) -> FastAPI:
+    """The app over ``model``. ``allowed_hosts``: the Host names accepted besides loopback
+    ones (None: any, for a server bound to a network address); see ``guard``."""
+    # The page and the docs are served from the package: /docs works offline (no CDN).
+    app = FastAPIOffline(
+        title="spectrum-local", version=_version(), redoc_url=None,
+        description="Spectrum-tuned models: score, sample, top, enumerate; "
+                    "OpenAI-compatible completions. Bodies are JSON "
+                    "('Content-Type: application/json'). Errors: "
+                    "{\"error\": {\"message\", \"type\"}}.",
+        middleware=[
+            # Outermost first: nothing reaches CORS or a route before the guard's checks.
+            Middleware(RequestGuard, allowed_hosts=allowed_hosts, cors_origins=cors_origins,
+                       limit=max_body, timeout=timeout),
+            *([Middleware(CORSMiddleware, allow_origins=list(cors_origins),
+                          allow_methods=["GET", "POST"], allow_headers=["*"])]
+              if cors_origins else []),
+        ])
     app.state.model = model
 
     def authorized(request: Request) -> None:
@@ -178,10 +148,6 @@ def create_app(model: SpectrumModel, *, api_key: str | None = None,
     from .openai import router as openai_router  # the OpenAI/vLLM-compatible routes
 
     app.include_router(openai_router, dependencies=api)
-    app.add_middleware(BodyLimit, limit=max_body)
-    if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
-                           allow_methods=["GET", "POST"], allow_headers=["*"])
     return app
 
 
