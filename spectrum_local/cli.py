@@ -557,9 +557,9 @@ Examples:
                    "app's origin). Default: no cross-origin access.")
 @click.option("--allowed-host", multiple=True, metavar="NAME",
               help="Accept requests whose Host header is NAME (repeatable; '*' for any). "
-                   "Default: on a loopback --host, only localhost, 127.0.0.1 and [::1], so a "
-                   "web page that re-points its own name at this machine (DNS rebinding) is "
-                   "refused; on a network --host, any.")
+                   "Default: on a loopback --host, only this machine's names (localhost, "
+                   "*.localhost, 127.x.x.x, [::1]), so a web page that re-points its own name "
+                   "at this machine (DNS rebinding) is refused; on a network --host, any.")
 @click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
               show_default=True, metavar="SECONDS",
               help="Seconds a client has to send a request's headers, and again its body; "

@@ -244,9 +244,9 @@ class Engine(Backend):
         # ggml assert): refuse it here.
         try:
             adapter_tensors = read_header(path)[1]
-        except (OSError, ValueError, UnicodeDecodeError) as e:
+        except InputError as e:  # it names the file and what is wrong with it
             self.close()
-            raise InputError(f"{path} is not a GGUF LoRA adapter ({e})") from None
+            raise InputError(f"LoRA adapter: {e}") from None
         if tied and any(name.startswith("token_embd.") for name in adapter_tensors):
             self.close()
             raise InputError(f"the LoRA adapter {path} changes the token embedding, which this "
