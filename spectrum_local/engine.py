@@ -341,10 +341,13 @@ class Engine(Backend):
 
     # -- tokens -------------------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, special: bool = False, bos: bool = False) -> list[int]:
+    def tokenize(self, text: str, *, special: bool = False, bos: bool = False,
+                 limit: int | None = None) -> list[int]:
         """Text to tokens. By default nothing in ``text`` is read as a control token and no BOS
         is added (message content). ``special`` parses control tokens written in the text and
-        ``bos`` prepends the model's BOS if it uses one: a raw prompt, as vLLM tokenises it."""
+        ``bos`` prepends the model's BOS if it uses one: a raw prompt, as vLLM tokenises it.
+        A text of more than ``limit`` tokens is refused before its tokens become Python
+        objects: a multi-megabyte text that cannot fit the context leaves no memory behind."""
         check_unicode(text, "the text")  # the callers check first, naming the field
         data = text.encode("utf-8")
         capacity = len(data) + 8
@@ -354,6 +357,8 @@ class Engine(Backend):
                                      special)
         if n < 0:
             raise SpectrumError(f"tokenizer failed on {len(data)} bytes of text")
+        if limit is not None and n > limit:
+            raise self._too_long(n, at_least=True)
         return list(tokens[:n])
 
     def control_token(self, marker: str) -> int | None:
@@ -431,9 +436,12 @@ class Engine(Backend):
         if not prompt:
             raise InputError("the prompt is empty")
         if len(prompt) >= self.n_ctx:
-            raise InputError(f"the prompt is {len(prompt)} tokens but the context holds "
-                             f"{self.n_ctx}; raise --ctx (the model was trained on "
-                             f"{self.n_ctx_train})")
+            raise self._too_long(len(prompt))
+
+    def _too_long(self, n_tokens: int, at_least: bool = False) -> InputError:
+        return InputError(f"the prompt is {'at least ' if at_least else ''}{n_tokens} tokens "
+                          f"but the context holds {self.n_ctx}; raise --ctx (the model was "
+                          f"trained on {self.n_ctx_train})")
 
     def check_tokens(self, tokens: Sequence[int]) -> None:
         """Token ids from outside (an API client) must exist: llama.cpp aborts on others."""

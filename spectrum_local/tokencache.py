@@ -4,7 +4,8 @@ Prompts repeat their text runs (every candidate and every line of a batch job re
 same description and examples), so each distinct run is tokenised once. The bound is in bytes,
 not entries: a server's cache of 4,096 entries keyed by whole texts grew by gigabytes from a
 few dozen multi-megabyte descriptions, each of them refused. A text with more tokens than the
-context is never kept either: no prompt that holds it can run.
+context is refused by the tokenizer itself (its ``limit``) before its tokens become Python
+objects, so it is neither kept nor held for a while: no prompt that holds it can run.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ DEFAULT_BUDGET = 32 * 2**20  # bytes: text and tokens of ~8,000 runs of a typica
 
 class TokenCache:
     """``cache(text)`` = ``tokenize(text)``, remembered (least recently used out first) while
-    the texts and their tokens fit in ``budget`` bytes and the text has at most ``longest``
-    tokens. Safe to call from many threads."""
+    the texts and their tokens fit in ``budget`` bytes; with ``longest``, ``tokenize(text,
+    limit=longest)`` refuses longer texts. Safe to call from many threads."""
 
     def __init__(self, tokenize: Callable[[str], list[int]], *, longest: int | None,
                  budget: int = DEFAULT_BUDGET):
@@ -36,9 +37,12 @@ class TokenCache:
             if found is not None:
                 self._entries.move_to_end(text)
                 return found.tolist()
-        tokens = self._tokenize(text)  # outside the lock: a long text does not stall others
-        if self._longest is None or len(tokens) <= self._longest:
-            self._keep(text, array("i", tokens))
+        # Outside the lock: a long text does not stall the others.
+        if self._longest is None:
+            tokens = self._tokenize(text)
+        else:
+            tokens = self._tokenize(text, limit=self._longest)
+        self._keep(text, array("i", tokens))
         return tokens
 
     @property
