@@ -130,7 +130,8 @@ class Bench:
         model, client = self.model, self.client
         cli = Path(sys.executable).with_name("spectrum-local")
         command = [str(cli)] if cli.exists() else [sys.executable, "-m", "spectrum_local"]
-        command += ["score", "--description", DESCRIPTION, "--candidates", "2..12", "--json"]
+        command += ["score", "--description", DESCRIPTION, "--candidates", "2..12", "--json",
+                    "--no-lora"]
         over_http = []
 
         def http_score():
@@ -304,7 +305,9 @@ class Bench:
 
 def main() -> None:
     skip_peer = "--skip-peer" in sys.argv[1:]
-    model = spectrum_local.load()
+    # The default model's base alone, everywhere: the server's --model and llama_cpp.server
+    # load the file, which has no adapter of its own.
+    model = spectrum_local.load(no_lora=True)
     model_path = str(spectrum_local.source.locate(None).path)
     threads = os.cpu_count() or 1  # the engine's default, given to llama_cpp.server too
     with running_server(["--model", model_path]) as url, \
