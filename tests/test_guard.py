@@ -299,6 +299,16 @@ def test_a_lone_surrogate_anywhere_is_a_400_naming_it(server, route, body):
     assert r.status_code < 500 and "Unicode" not in r.text, r.text
 
 
+@pytest.mark.parametrize("route", ["/spectrum/v1/top", "/v1/completions"])
+@pytest.mark.parametrize("depth", [900, 100_000])
+def test_a_surrogate_nested_deeper_than_the_parser_goes_is_still_a_400(server, route, depth):
+    body = dict(ROUTES[route], extra="HOLE")
+    text = json.dumps(body).replace('"HOLE"', "[" * depth + f'"{LONE}"' + "]" * depth)
+    r = httpx.post(server + route, content=text, headers={"Content-Type": "application/json"},
+                   timeout=60)
+    assert_error(r, 400)
+
+
 def test_bytes_that_are_not_utf8_are_a_400(server):
     body = b'{"messages": [{"role": "input", "content": "ok \xff\xed\xa0\x80"}]}'
     r = httpx.post(server + "/spectrum/v1/top", content=body,
@@ -363,13 +373,15 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408(server):
 def test_a_long_request_is_not_cut_by_the_timeout(server):
     """The timeout is for sending a request, not for the answer: a sample that takes longer
     than it (streamed, so the connection is busy throughout) ends normally."""
-    body = {"messages": DESCRIPTION, "n": 1, "max_tokens": 400, "seed": 1, "stream": True}
+    # 8 samples of 480 tokens in a 512-token context run one after another: seconds.
+    body = {"messages": DESCRIPTION, "n": 8, "max_tokens": 480, "seed": 1, "stream": True}
     start = time.monotonic()
     with httpx.stream("POST", server + "/spectrum/v1/sample", json=body, timeout=120) as r:
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     if time.monotonic() - start < 2:
         pytest.skip("the sample took less than the timeout on this machine")
-    assert events[-1] == "data: [DONE]" and "samples" not in events[0]
+    assert events[-1] == "data: [DONE]" and len(events) == 9
+    assert all(json.loads(e[6:])["finish_reason"] in ("stop", "length") for e in events[:-1])
 
 
 # --- /docs, offline ---------------------------------------------------------------------------

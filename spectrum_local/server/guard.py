@@ -93,7 +93,7 @@ class RequestGuard:
             media = (kind or "").split(";")[0].strip().lower().encode()
             if (kind is None and origin is not None) or (kind is not None
                                                          and not _JSON_TYPE.match(media)):
-                    return error_response(
+                return error_response(
                     415, f"the body must be JSON, sent with 'Content-Type: application/json' "
                          f"(this one: {kind or 'no Content-Type, from a web page'}); with curl: "
                          "--json '{...}', or -H 'Content-Type: application/json' -d '{...}'")
@@ -133,8 +133,8 @@ class RequestGuard:
                 check_unicode(json.loads(body), "the request body")
             except InputError as e:
                 return error_response(400, str(e)), receive
-            except ValueError:
-                pass  # not JSON: the route says so
+            except (ValueError, RecursionError):
+                pass  # not JSON, or nested too deeply to walk: the route says so
         return None, _replay([{"type": "http.request", "body": body, "more_body": False}],
                              receive)
 
