@@ -348,8 +348,11 @@ class Engine(Backend):
         ``bos`` prepends the model's BOS if it uses one: a raw prompt, as vLLM tokenises it.
         A text of more than ``limit`` tokens is refused before its tokens become Python
         objects: a multi-megabyte text that cannot fit the context leaves no memory behind."""
-        check_unicode(text, "the text")  # the callers check first, naming the field
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # the callers check first, naming the field; a last net
+            check_unicode(text, "the text")
+            raise
         capacity = len(data) + 8
         tokens = (llama_cpp.llama_token * capacity)()
         add_bos = bos and bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))

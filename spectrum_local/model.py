@@ -73,8 +73,10 @@ class SpectrumModel:
                                     f"is not a {fmt.name}-format model (try --format)")
             self._control_ids[marker] = token
         self.end_of_output_id = self._control_ids[fmt.end_of_output]
-        # A text that alone fills the context cannot be part of a prompt that runs.
-        longest = engine.n_ctx - 1 if isinstance(getattr(engine, "n_ctx", None), int) else None
+        # A text that alone fills the context cannot be part of a prompt that runs (a vLLM
+        # server's backend knows no context size: its server refuses such prompts).
+        n_ctx = getattr(engine, "n_ctx", None)
+        longest = n_ctx - 1 if n_ctx else None
         self._text_tokens = TokenCache(engine.tokenize, longest=longest)
 
     def __repr__(self) -> str:
