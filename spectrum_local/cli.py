@@ -576,6 +576,9 @@ def serve(model, format_name, gpu_layers, threads, ctx_size, lora, no_lora, host
     pip install 'spectrum-local[serve]'.
     """
     try:
+        import fastapi  # noqa: F401  the extra's packages, checked before the model loads
+        import uvicorn  # noqa: F401
+
         from .server import check_address, is_loopback, serve as run_server
     except ImportError as e:
         raise SpectrumError(f"serve needs its extra: pip install 'spectrum-local[serve]' ({e})") \
