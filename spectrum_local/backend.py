@@ -7,9 +7,28 @@ both backends answer them the same way."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from threading import Event
 from typing import Sequence
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """llama.cpp's sampler chain. The defaults are the model card's: temperature 1, no
+    truncation, no penalty, i.e. exactly the model's distribution."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+
+    @property
+    def truncates(self) -> bool:
+        """Whether the chain sorts or cuts the candidate list (anything but plain "dist")."""
+        return (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+                or self.temperature == 0.0)
 
 
 class Busy(Exception):
@@ -75,34 +94,40 @@ class Backend:
 
     whole_rows = True  # reads can return a whole next-token logits row (Path.final)
 
-    def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None) -> list[PathResult]:
-        """What each path asks for (see ``Path``); afterwards the prefix cache holds ``keep``."""
+    def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None, *,
+             cancel: Event | None = None) -> list[PathResult]:
+        """What each path asks for (see ``Path``); afterwards the prefix cache holds ``keep``.
+        Setting ``cancel`` stops a long read between its decodes (``Cancelled``)."""
         raise NotImplementedError
 
-    def prompt_logits(self, prompt: Sequence[int]) -> np.ndarray:
+    def prompt_logits(self, prompt: Sequence[int], *, cancel: Event | None = None) -> np.ndarray:
         """Next-token logits after ``prompt``."""
-        return self.read([Path(prompt, len(prompt), final=True)], keep=prompt)[0].row
+        return self.read([Path(prompt, len(prompt), final=True)], keep=prompt,
+                         cancel=cancel)[0].row
 
-    def next_tokens(self, prompt: Sequence[int], k: int) -> tuple[tuple[int, float], ...]:
+    def next_tokens(self, prompt: Sequence[int], k: int, *,
+                    cancel: Event | None = None) -> tuple[tuple[int, float], ...]:
         """The ``k`` most likely tokens after ``prompt``: (id, logprob), best first. A server
         backend asks for them (it has no whole row to give)."""
-        row = self.prompt_logits(prompt)
+        row = self.prompt_logits(prompt, cancel=cancel)
         return best_tokens(row, k, float(logsumexp(row)))
 
     def continuation_logprobs(self, prompt: Sequence[int],
-                              continuations: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
+                              continuations: Sequence[tuple[int, Sequence[int]]], *,
+                              cancel: Event | None = None) -> list[np.ndarray]:
         """For each ``(start, tokens)``, the log-probability of each of ``tokens`` placed at
         positions start.. after ``prompt[:start]``. ``start`` is normally ``len(prompt)``; it is
         smaller when a tokenizer merges the continuation into the prompt's last text."""
         paths = [Path([*prompt[:start], *tokens], start) for start, tokens in continuations]
-        return [r.logprobs for r in self.read(paths, keep=prompt)]
+        return [r.logprobs for r in self.read(paths, keep=prompt, cancel=cancel)]
 
-    def prompt_logprobs(self, tokens: Sequence[int], top: int = 0) -> list[PositionLogprobs]:
+    def prompt_logprobs(self, tokens: Sequence[int], top: int = 0, *,
+                        cancel: Event | None = None) -> list[PositionLogprobs]:
         """Log-probability, rank and the ``top`` most likely alternatives at positions 1.. of
         ``tokens`` (vLLM's prompt_logprobs)."""
         if len(tokens) < 2:
             return []
-        result = self.read([Path(tokens, 1, top=top)], keep=tokens)[0]
+        result = self.read([Path(tokens, 1, top=top)], keep=tokens, cancel=cancel)[0]
         return [PositionLogprobs(int(t), float(lp), rank, alternatives) for t, lp, rank, alternatives
                 in zip(tokens[1:], result.logprobs, result.ranks, result.tops)]
 
@@ -121,3 +146,12 @@ def best_tokens(row: np.ndarray, k: int, lse: float) -> tuple[tuple[int, float],
     best = np.argpartition(-row, k - 1)[:k]
     best = best[np.argsort(-row[best], kind="stable")]
     return tuple((int(t), float(row[t] - lse)) for t in best)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

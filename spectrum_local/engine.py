@@ -28,8 +28,9 @@ from typing import Sequence
 import llama_cpp
 import numpy as np
 
-from .backend import Backend, Busy, Generation, Path, PathResult, Step, best_tokens, logsumexp
-from .errors import InputError, SpectrumError
+from .backend import (Backend, Busy, Generation, Path, PathResult, SamplerSettings, Step,
+                      best_tokens, common_prefix, logsumexp)
+from .errors import InputError, SpectrumError, check_int
 from .ggufheader import read_header
 from .textfile import check_unicode
 
@@ -91,16 +92,6 @@ def _cpuinfo() -> str:
         return ""
 
 
-def check_int(name: str, value, low: int | None = None, high: int | None = None) -> None:
-    """An InputError naming ``name`` unless ``value`` is a whole number in [low, high]."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise InputError(f"{name} must be a whole number, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        bound = (f"between {low} and {high}" if low is not None and high is not None
-                 else f"at least {low}" if low is not None else f"at most {high}")
-        raise InputError(f"{name} must be {bound}, got {value}")
-
-
 def supports_gpu_offload() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
@@ -108,24 +99,6 @@ def supports_gpu_offload() -> bool:
 def system_info() -> str:
     """The backends and CPU features llama.cpp was built with."""
     return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """llama.cpp's sampler chain. The defaults are the model card's: temperature 1, no
-    truncation, no penalty, i.e. exactly the model's distribution."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-
-    @property
-    def truncates(self) -> bool:
-        """Whether the chain sorts or cuts the candidate list (anything but plain "dist")."""
-        return (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
-                or self.temperature == 0.0)
 
 
 MAX_LORA_SCALE = 100
@@ -474,7 +447,8 @@ class Engine(Backend):
         logits at the prompt's last position."""
         return self._read([], keep=prompt)[1]
 
-    def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None) -> list[PathResult]:
+    def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None, *,
+             cancel: threading.Event | None = None) -> list[PathResult]:
         """What each path asks for, decoding each token two paths have in common once; then
         sequence 0 holds ``keep`` (the prefix cache)."""
         with self._lock, self._consistent():
@@ -701,8 +675,9 @@ class Engine(Backend):
             result.tokens.append(token)
             result.steps.append(step)
             live.last = token
-            if job.on_step and not job.call(job.on_step, step):
-                job.finish(live.index, "stop")
+            reason = job.call(job.on_step, step) if job.on_step else None
+            if reason:
+                job.finish(live.index, reason)
             elif len(result.tokens) >= job.max_tokens:
                 job.finish(live.index, "length")
         if job.is_finished(live.index):
@@ -773,7 +748,8 @@ class GenerateJob:
     to the room the context has after the prompt). Sample i is seeded ``seed + i`` (None:
     random); a sample stops at ``stop_tokens`` or the model's end-of-generation tokens.
     ``logprobs``: record each token's log-probability and that many alternatives;
-    ``on_step(step)`` sees every token and may return False to end that sample there;
+    ``on_step(step)`` sees every token and may end that sample there by returning its finish
+    reason ("stop", "length" or "abort"; None goes on);
     ``on_done(index, generation)`` sees each finished sample; setting ``cancel`` (an Event)
     ends them all ("abort"). Callbacks run on the engine's thread: keep them short."""
 
@@ -823,12 +799,14 @@ class GenerateJob:
             if index not in self._finished:
                 self.finish(index, "abort")
 
-    def call(self, callback, *args) -> bool:
+    def call(self, callback, *args):
+        """``callback``'s answer; "abort" when it raises (the caller's bug must not take the
+        engine down: the error is raised to the caller of this job alone)."""
         try:
-            return callback(*args) is not False
-        except Exception as e:  # the caller's bug must not take the engine down
+            return callback(*args)
+        except Exception as e:
             self.error = self.error or e
-            return False
+            return "abort"
 
 
 @dataclass(eq=False)
@@ -978,15 +956,6 @@ class _CandidateBuffer:
         token = int(self.view["id"][self.array.selected])
         llama_cpp.llama_sampler_accept(chain, token)
         return token
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def quantize(src: str, dst: str, outtype: str, threads: int | None = None) -> None:

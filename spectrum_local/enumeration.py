@@ -41,7 +41,7 @@ class Search:
 
 def best_first(backend: Backend, prompt: Sequence[int], end_token: int, other_ends: set[int],
                spell: Callable[[Sequence[int]], str], *, coverage: float, min_prob: float,
-               max_outputs: int, max_tokens: int, max_decoded: int) -> Search:
+               max_outputs: int, max_tokens: int, max_decoded: int, cancel=None) -> Search:
     """Expand the most probable partial outputs of ``prompt`` until a stopping rule holds.
     ``spell`` turns an output's tokens into its text: ``max_outputs`` counts texts, since two
     token paths may spell one."""
@@ -85,7 +85,7 @@ def best_first(backend: Backend, prompt: Sequence[int], end_token: int, other_en
             break
         paths = [Path([*prompt, *tokens], len(prompt) + len(tokens), final=True)
                  for _, tokens in batch]
-        results = backend.read(paths, keep=prompt)
+        results = backend.read(paths, keep=prompt, cancel=cancel)
         search.decoded += len(prefixes)
         for (neg_lp, tokens), result in zip(batch, results):
             path_lp, row = -neg_lp, result.row

@@ -13,9 +13,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from . import formats
-from .backend import Backend, logsumexp
-from .engine import Engine, SamplerSettings, check_int, common_prefix
-from .errors import InputError, SpectrumError
+from .backend import Backend, SamplerSettings, common_prefix, logsumexp
+from .engine import Engine
+from .errors import InputError, SpectrumError, check_int
 from .enumeration import best_first
 from .results import (CandidateScore, EnumeratedOutput, EnumerateResult, Sample, ScoreResult,
                       TokenProb)
@@ -159,18 +159,20 @@ class SpectrumModel:
                                     {self.end_of_output_id}, on_done=on_done, cancel=cancel)
         return [as_sample(g) for g in runs]
 
-    def top(self, messages: Messages, k: int = 10, *, prefix: str = "") -> list[TokenProb]:
+    def top(self, messages: Messages, k: int = 10, *, prefix: str = "",
+            cancel: threading.Event | None = None) -> list[TokenProb]:
         """The ``k`` most likely next tokens at the first output position (or after ``prefix``,
-        output text already written)."""
+        output text already written). Setting ``cancel`` (any read operation's) stops it
+        between decodes with ``Cancelled``."""
         check_int("k", k, 1)
         if k > self.engine.n_vocab:
             raise InputError(f"k={k} is larger than the vocabulary ({self.engine.n_vocab} tokens)")
         check_unicode(prefix, "the prefix")
-        best = self.engine.next_tokens(self.prompt_tokens(messages, prefix), k)
+        best = self.engine.next_tokens(self.prompt_tokens(messages, prefix), k, cancel=cancel)
         return [TokenProb(self.engine.token_text(t), t, math.exp(lp), lp) for t, lp in best]
 
     def score(self, messages: Messages, candidates: Sequence[str], *,
-              end_token: bool = True) -> ScoreResult:
+              end_token: bool = True, cancel: threading.Event | None = None) -> ScoreResult:
         """P(candidate, then end-of-output | prompt) for each candidate, the coverage (their
         sum) and the normalised probabilities. Repeated candidates are scored once.
         ``end_token=False`` leaves the end-of-output token out (the paper's evaluation scripts
@@ -178,7 +180,7 @@ class SpectrumModel:
         coverage can exceed 1."""
         candidates = unique_candidates(candidates)
         prompt_tokens, reads = self.candidate_reads(messages, candidates, end_token=end_token)
-        scored = reads.logprobs(self.engine, prompt_tokens)
+        scored = reads.logprobs(self.engine, prompt_tokens, cancel=cancel)
         # In log space, so normalisation holds even when every probability underflows.
         log_coverage = float(logsumexp(np.array(scored)))
         return ScoreResult(math.exp(log_coverage), [
@@ -187,7 +189,8 @@ class SpectrumModel:
 
     def enumerate(self, messages: Messages, *, coverage: float = 0.95, min_prob: float = 0.0,
                   max_outputs: int = 100, max_tokens: int = 32,
-                  max_decoded: int = 20_000) -> EnumerateResult:
+                  max_decoded: int = 20_000,
+                  cancel: threading.Event | None = None) -> EnumerateResult:
         """The outputs the model gives the most probability, most likely first, each with its
         exact probability, found by a best-first search over the token tree (see
         ``enumeration``). It stops when the outputs listed hold ``coverage`` of the mass, when
@@ -209,7 +212,7 @@ class SpectrumModel:
         search = best_first(self.engine, prompt_tokens, self.end_of_output_id, other_ends,
                             self.engine.detokenize, coverage=coverage, min_prob=min_prob,
                             max_outputs=max_outputs, max_tokens=max_tokens,
-                            max_decoded=max_decoded)
+                            max_decoded=max_decoded, cancel=cancel)
         paths: dict[str, dict[tuple, float]] = {}  # text -> the token paths found that spell it
         for logprob, tokens, text in search.found:
             paths.setdefault(text, {})[tokens] = logprob
@@ -221,7 +224,7 @@ class SpectrumModel:
                 break
             listed.append(text)
             total += mass[text]
-        outputs, decoded, late = self._enumerated(messages, listed, paths, mass)
+        outputs, decoded, late = self._enumerated(messages, listed, paths, mass, cancel)
         # An own spelling read after the search was part of the mass it had left unexplored
         # (or cut, when longer than max_tokens): counted once, as an output now.
         unexplored, cut = search.unexplored, search.cut
@@ -235,7 +238,7 @@ class SpectrumModel:
                                search.decoded + decoded, outputs)
 
     def _enumerated(self, messages: Messages, texts: list[str], paths: dict[str, dict],
-                    mass: dict[str, float]) -> tuple[list[EnumeratedOutput], int, list]:
+                    mass: dict[str, float], cancel=None) -> tuple[list[EnumeratedOutput], int, list]:
         """The ``texts`` with the probability of their own tokenisations (what ``score``
         reads): from the paths found when it is one of them, else read (one read for all);
         the tokens that read decoded; and (prob, output tokens) of each own spelling it added
@@ -255,7 +258,8 @@ class SpectrumModel:
         if missing:
             _, missing_reads = self.candidate_reads(messages, missing)
             decoded = missing_reads.decoded_tokens()
-            for text, logprob in zip(missing, missing_reads.logprobs(self.engine, prompt_tokens)):
+            for text, logprob in zip(missing, missing_reads.logprobs(self.engine, prompt_tokens,
+                                                                         cancel=cancel)):
                 logprobs[text] = logprob
                 if text in unfound:  # a path of its own the search had not reached
                     mass[text] += math.exp(logprob)
@@ -277,7 +281,8 @@ class SpectrumModel:
         return prompt_tokens, reads
 
     def output_logprobs(self, messages: Messages,
-                        outputs: Sequence[int] | None = None) -> list[float]:
+                        outputs: Sequence[int] | None = None, *,
+                        cancel: threading.Event | None = None) -> list[float]:
         """For each output message (or those numbered in ``outputs``, counting outputs from
         0): log P(its text, then end-of-output | the messages before it), the number ``score``
         gives it as a candidate after those messages. One read along the conversation gives
@@ -300,7 +305,7 @@ class SpectrumModel:
             # engine decodes the tokens the paths share once.
             assert conversation[:len(full)] == full
             reads.add(self.tokenize(self._fmt.render(parsed[:i])), full)
-        return reads.logprobs(self.engine, conversation)
+        return reads.logprobs(self.engine, conversation, cancel=cancel)
 
 
 class Reads:
@@ -324,9 +329,9 @@ class Reads:
         self.plan.append((own, respelled))
         self.n_tokens.append(len(full) - start)
 
-    def logprobs(self, engine: Backend, tokens: list[int]) -> list[float]:
+    def logprobs(self, engine: Backend, tokens: list[int], *, cancel=None) -> list[float]:
         """Each pair's log-probability, from one read along ``tokens`` (left in the cache)."""
-        logprobs = engine.continuation_logprobs(tokens, self.continuations)
+        logprobs = engine.continuation_logprobs(tokens, self.continuations, cancel=cancel)
         return [float(x) for x in self.combine([lp.sum() for lp in logprobs])]
 
     def decoded_tokens(self) -> int:

@@ -31,8 +31,7 @@ import numpy as np
 
 from . import formats
 from .backend import Backend, Generation, Path, PathResult
-from .engine import check_int
-from .errors import InputError, SpectrumError
+from .errors import Cancelled, InputError, SpectrumError, check_int
 from .model import MAX_SAMPLES, SpectrumModel, unique_candidates
 from .server import MAX_N
 from .results import (CandidateScore, EnumeratedOutput, EnumerateResult, Sample, ScoreResult,
@@ -368,8 +367,11 @@ class VLLMBackend(Backend):
 
     whole_rows = False  # vLLM gives at most --max-logprobs tokens per position
 
-    def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None) -> list[PathResult]:
+    def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None, *,
+             cancel=None) -> list[PathResult]:
         """All paths in one request, one prompt each (vLLM evaluates them as one batch)."""
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled")
         if any(p.final for p in paths):
             raise SpectrumError("a server gives the top tokens, not a whole logits row")
         todo = [p for p in paths if not p.wants_nothing]
@@ -380,7 +382,10 @@ class VLLMBackend(Backend):
         return [PathResult(np.zeros(0)) if p.wants_nothing else _path_result(p, next(answers))
                 for p in paths]
 
-    def next_tokens(self, prompt: Sequence[int], k: int) -> tuple[tuple[int, float], ...]:
+    def next_tokens(self, prompt: Sequence[int], k: int, *,
+                    cancel=None) -> tuple[tuple[int, float], ...]:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled")
         try:
             choice = self._completions([list(prompt)], max_tokens=1, temperature=0.0,
                                        logprobs=k, return_tokens_as_token_ids=True)[0]

@@ -70,7 +70,8 @@ class Scheduler(Backend):
 
     # -- the Backend calls, from any thread ----------------------------------------------------
 
-    def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None) -> list[PathResult]:
+    def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None, *,
+             cancel=None) -> list[PathResult]:
         work = _Read(paths, keep)
         self._submit(lambda: self._reads.append(work))
         work.done.wait()

@@ -10,7 +10,8 @@ from typing import Sequence
 import llama_cpp
 import numpy as np
 
-from spectrum_local.engine import common_prefix, use_extra_buffer_types
+from spectrum_local.backend import common_prefix
+from spectrum_local.engine import use_extra_buffer_types
 from spectrum_local.formats import get_format, parse_messages
 from spectrum_local.source import DEFAULT_ADAPTER
 

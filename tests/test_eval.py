@@ -211,7 +211,7 @@ def test_builtin_suite_loads():
 def naive_logprob(model, naive, messages, text, end_token=True):
     """log P(text [+ end] | messages) from one full evaluation, rendered as one string and split
     where the tokens first differ (as tests/naive.py does for score)."""
-    from spectrum_local.engine import common_prefix
+    from spectrum_local.backend import common_prefix
     from spectrum_local.formats import get_format
 
     fmt, parsed = get_format(model.format), parse_messages(messages)

@@ -21,7 +21,7 @@ from naive import DEFAULT_LORA, naive_llama, naive_score, prompt_and_full_tokens
 import spectrum_local
 from spectrum_local import InputError
 from spectrum_local.backend import Path
-from spectrum_local.engine import SamplerSettings, common_prefix
+from spectrum_local.backend import SamplerSettings, common_prefix
 from spectrum_local.formats import GEMMA3, parse_messages
 
 FAMILIES = ("gemma3", "llama3", "qwen3")

@@ -23,7 +23,7 @@ from vllm_server import running_vllm, vllm_python
 import spectrum_local
 from spectrum_local import InputError, SpectrumError, formats
 from spectrum_local.convert import convert
-from spectrum_local.engine import SamplerSettings
+from spectrum_local.backend import SamplerSettings
 from spectrum_local.remote import VLLMBackend
 
 pytestmark = [pytest.mark.http, pytest.mark.skipif(

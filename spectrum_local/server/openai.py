@@ -49,7 +49,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from ..engine import SamplerSettings
+from ..backend import SamplerSettings
 from ..errors import InputError
 from .app import until_done
 from .schemas import MAX_N
@@ -441,8 +441,9 @@ class _Output:
         self.stop_reason: int | str | None = None
         self.reported = False  # streaming: the chunk with its finish_reason has been made
 
-    def on_step(self, step) -> bool:
-        """A generated token; False ends the sample (a stop string, or max_tokens reached)."""
+    def on_step(self, step) -> str | None:
+        """A generated token; the finish reason if it ends the sample (a stop string: "stop",
+        max_tokens reached: "length"), else None."""
         self.tokens.append(step.token)
         self.steps.append(step)
         new = self._decoder.decode(self.piece(step.token))
@@ -451,7 +452,7 @@ class _Output:
             self._check_stops(len(new))
         if self.finish_reason is None and len(self.tokens) >= self.max_tokens:
             self._finish("length")
-        return self.finish_reason is None
+        return self.finish_reason
 
     def _check_stops(self, new_chars: int) -> None:
         # vLLM's check_stop_strings: look where the new characters could complete a stop string
@@ -467,7 +468,7 @@ class _Output:
 
     def on_done(self, generation) -> None:
         """The engine finished this sample: by a stop token (not in ``tokens`` yet), by our
-        own on_step returning False, at max_tokens, or aborted."""
+        own on_step's reason, at max_tokens, or aborted."""
         if generation.stop_token is not None:
             self.tokens.append(generation.stop_token)
             step = generation.stop_step
@@ -555,14 +556,14 @@ async def _prompt_logprobs(model, vocab: _Vocab, plan: _Plan):
 
 def _generate(model, plan: _Plan, p: int, outputs: list[_Output], cancel: threading.Event,
               post) -> None:
-    def on_step(step) -> bool:
+    def on_step(step) -> str | None:
         if cancel.is_set():
-            return False
+            return "abort"
         output = outputs[step.index]
-        go_on = output.on_step(step)
+        reason = output.on_step(step)
         if post:
             post(p, step.index, [step.token], [step], output)
-        return go_on
+        return reason
 
     def on_done(index, generation) -> None:
         output = outputs[index]
