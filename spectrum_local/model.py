@@ -14,7 +14,6 @@ import numpy as np
 
 from . import formats
 from .backend import Backend, SamplerSettings, common_prefix, logsumexp
-from .engine import Engine
 from .errors import InputError, SpectrumError, check_int
 from .enumeration import best_first
 from .results import (CandidateScore, EnumeratedOutput, EnumerateResult, Sample, ScoreResult,
@@ -40,6 +39,8 @@ def load(model: str | os.PathLike | None = None, *, format: str | None = None,
     length if that is smaller. ``lora``: GGUF LoRA adapters (paths or hub specs) with their
     scales, applied by llama.cpp on top of the weights (quantized ones too), after the default
     model's own adapter unless ``no_lora``."""
+    from .engine import Engine  # here: the remote client must not load llama.cpp
+
     source = locate(model)
     adapters = [] if no_lora else list(source.lora)
     adapters += [(find_gguf(os.fspath(path), "LoRA adapter"), scale) for path, scale in lora]
