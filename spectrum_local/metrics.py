@@ -102,3 +102,11 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
         return 0.0
     dx = x - x.mean()
     return float(np.sum(dx * (y - y.mean())) / np.sum(dx * dx))
+
+
+def means(rows: Sequence[dict]) -> dict:
+    """Each metric's mean over the rows that have it (None where none has a value): a run's
+    summary by task type, and tune's report before and after."""
+    names = dict.fromkeys(name for row in rows for name in row)
+    values = {name: [row[name] for row in rows if row.get(name) is not None] for name in names}
+    return {name: float(np.mean(got)) if got else None for name, got in values.items()}

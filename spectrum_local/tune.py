@@ -45,8 +45,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import eval as evaluation
 from .errors import InputError, SpectrumError
+from .eval import DistributionTask, load_tasks, run_task
+from .metrics import means
 from .model import Reads, SpectrumModel, load
 
 # The projections of every attention and MLP block: the same names in all three families.
@@ -184,9 +185,9 @@ def _check_weights(weights: str) -> None:
 
 
 def _split(tasks, held_out, settings: TuneSettings):
-    def distribution(path) -> list[evaluation.DistributionTask]:
-        loaded = evaluation.load_tasks(os.fspath(path))
-        kept = [t for t in loaded if isinstance(t, evaluation.DistributionTask)]
+    def distribution(path) -> list[DistributionTask]:
+        loaded = load_tasks(os.fspath(path))
+        kept = [t for t in loaded if isinstance(t, DistributionTask)]
         if len(kept) < len(loaded):
             warnings.warn(f"{path}: {len(loaded) - len(kept)} generation/steerability tasks left "
                           "out (tune uses distribution tasks)", UserWarning, stacklevel=3)
@@ -209,7 +210,7 @@ def _split(tasks, held_out, settings: TuneSettings):
             [t for i, t in enumerate(train) if i in held])
 
 
-def _example(base: SpectrumModel, task: evaluation.DistributionTask) -> _Example:
+def _example(base: SpectrumModel, task: DistributionTask) -> _Example:
     tokens, reads = base.candidate_reads(task.messages, task.candidates)
     if len(tokens) + sum(len(c) for _, c in reads.continuations) > base.engine.n_ctx:
         raise InputError(f"task {task.id!r}: its prompt and candidates are longer than the "
@@ -420,14 +421,14 @@ def _write_gguf(folder: Path, base_path: str, say) -> None:
 
 
 def _held_out_report(torch, peft_model, base: SpectrumModel,
-                     tasks: Sequence[evaluation.DistributionTask], held: list[_Example],
+                     tasks: Sequence[DistributionTask], held: list[_Example],
                      folder: Path) -> tuple[dict, dict, float]:
     """eval's metrics on the held-out tasks, by llama.cpp, without and with the adapter; and
     how far the GGUF adapter's log-probabilities are from the PEFT model's."""
     tuned = load(base.path, no_lora=True, lora=[(folder / GGUF, 1.0)])
     try:
-        before = [evaluation.run_task(base, t) for t in tasks]
-        after = [evaluation.run_task(tuned, t) for t in tasks]
+        before = [run_task(base, t) for t in tasks]
+        after = [run_task(tuned, t) for t in tasks]
     finally:
         tuned.close()
     with torch.no_grad():
@@ -435,7 +436,6 @@ def _held_out_report(torch, peft_model, base: SpectrumModel,
                 for example, result in zip(held, after)
                 for a, b in zip(packed_logprobs(torch, peft_model, example),
                                 result.detail["logprobs"])]
-    return (evaluation._means([r.metrics for r in before]),
-            evaluation._means([r.metrics for r in after]), max(gaps))
+    return means([r.metrics for r in before]), means([r.metrics for r in after]), max(gaps)
 
 

@@ -324,8 +324,8 @@ def tasks_of(*dicts):
 
 
 def load_tasks_from(d, i):
-    from spectrum_local.eval import _parse_task
-    return _parse_task({"id": f"t{i}", **d}, i)
+    from spectrum_local.eval import parse_task
+    return parse_task({"id": f"t{i}", **d}, i)
 
 
 def test_resume_runs_only_the_missing_tasks(f32_models, tmp_path):
