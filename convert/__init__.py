@@ -23,6 +23,7 @@ import gguf
 
 from spectrum_local.errors import InputError, SpectrumError
 from spectrum_local.formats import get_format
+from spectrum_local.ops import FLOAT_TYPES, OUTTYPES, QUANTIZED_TYPES
 
 from . import files, sizes
 from .checkpoint import Checkpoint, open_checkpoint
@@ -32,12 +33,8 @@ from .vocab import load_vocab, write_vocab
 from .writer import SOURCE_TYPES, tensor_nbytes, tensor_type, validate, write_gguf
 
 Q = gguf.GGMLQuantizationType
-DIRECT = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
-QUANTIZED = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
-OUTTYPES = (*DIRECT, *QUANTIZED)
-FILE_TYPES = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
-              "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
-              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+DIRECT = {name: Q[name.upper()] for name in FLOAT_TYPES}
+FILE_TYPES = {name: gguf.LlamaFileType[f"MOSTLY_{name.upper()}"] for name in QUANTIZED_TYPES}
 HEADROOM = 64 << 20  # metadata and alignment padding, generously
 
 

@@ -4,7 +4,6 @@ family's format, turns them into tokens, asks the engine, and returns typed resu
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import threading
 import warnings
@@ -14,8 +13,10 @@ import numpy as np
 
 from . import formats
 from .backend import Backend, SamplerSettings, common_prefix, logsumexp
-from .errors import InputError, SpectrumError, check_int
 from .enumeration import best_first
+from .errors import InputError, SpectrumError, check_int
+from .ops import EnumerateOptions, SampleOptions, ScoreOptions, TopOptions
+from .ops import MAX_SAMPLES  # noqa: F401  (eval.tasks imports it from here; ops is its home)
 from .results import (CandidateScore, EnumeratedOutput, EnumerateResult, Sample, ScoreResult,
                       TokenProb)
 from .source import find_gguf, locate
@@ -23,9 +24,6 @@ from .textfile import check_unicode
 from .tokencache import TokenCache
 
 Messages = Iterable[Mapping[str, object] | formats.Message]
-
-# Samples per call: n=10**6 is hours of decoding, not a request anyone means to make in one call.
-MAX_SAMPLES = 10_000
 
 
 def load(model: str | os.PathLike | None = None, *, format: str | None = None,
@@ -137,26 +135,17 @@ class SpectrumModel:
         """``n`` i.i.d. outputs. The defaults (temperature 1, no truncation) draw from exactly
         the distribution the model was trained to match. ``on_sample(index, sample)`` sees each
         sample as it finishes (for streaming); setting ``cancel`` stops the rest ("abort")."""
-        check_int("n", n, 1, MAX_SAMPLES)
-        # Larger than the room left in the context is cut there by the engine.
-        check_int("max_tokens", max_tokens, 1)
-        if seed is not None:
-            check_int("seed", seed)  # any whole number: its low 32 bits seed llama.cpp
-        check_int("top_k", top_k, 0)
-        floats = (temperature, top_p, min_p, repeat_penalty)
-        if not all(isinstance(x, numbers.Real) and math.isfinite(x) for x in floats) \
-                or temperature < 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1 \
-                or repeat_penalty <= 0:
-            raise InputError("sampling settings out of range: temperature >= 0, top_k >= 0, "
-                             "0 < top_p <= 1, 0 <= min_p <= 1, repeat_penalty > 0, all finite")
+        o = SampleOptions.check(n=n, max_tokens=max_tokens, seed=seed, temperature=temperature,
+                                top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty)
         # top_k past the vocabulary keeps everything (and must fit llama.cpp's int32).
-        settings = SamplerSettings(temperature, min(top_k, self.engine.n_vocab), top_p, min_p,
-                                   repeat_penalty)
+        settings = SamplerSettings(o.temperature, min(o.top_k, self.engine.n_vocab), o.top_p,
+                                   o.min_p, o.repeat_penalty)
         prompt_tokens = self.prompt_tokens(messages)
         as_sample = lambda g: Sample(self.engine.detokenize(g.tokens), len(g.tokens),  # noqa: E731
                                      g.finish_reason)
         on_done = None if on_sample is None else lambda i, g: on_sample(i, as_sample(g))
-        runs = self.engine.generate(prompt_tokens, n, max_tokens, settings, seed,
+        runs = self.engine.generate(prompt_tokens, o.n, o.max_tokens, settings, o.seed,
                                     {self.end_of_output_id}, on_done=on_done, cancel=cancel)
         return [as_sample(g) for g in runs]
 
@@ -165,8 +154,8 @@ class SpectrumModel:
         """The ``k`` most likely next tokens at the first output position (or after ``prefix``,
         output text already written). Setting ``cancel`` (any read operation's) stops it
         between decodes with ``Cancelled``."""
-        check_int("k", k, 1)
-        if k > self.engine.n_vocab:
+        k = TopOptions.check(k=k, prefix=prefix).k
+        if k > self.engine.n_vocab:  # a bound of the model, not of the option
             raise InputError(f"k={k} is larger than the vocabulary ({self.engine.n_vocab} tokens)")
         check_unicode(prefix, "the prefix")
         best = self.engine.next_tokens(self.prompt_tokens(messages, prefix), k, cancel=cancel)
@@ -179,8 +168,9 @@ class SpectrumModel:
         ``end_token=False`` leaves the end-of-output token out (the paper's evaluation scripts
         do): then a candidate's probability includes every longer output it begins, and the
         coverage can exceed 1."""
-        candidates = unique_candidates(candidates)
-        prompt_tokens, reads = self.candidate_reads(messages, candidates, end_token=end_token)
+        o = ScoreOptions.check(candidates=candidates, end_token=end_token)
+        candidates = unique_candidates(o.candidates)
+        prompt_tokens, reads = self.candidate_reads(messages, candidates, end_token=o.end_token)
         scored = reads.logprobs(self.engine, prompt_tokens, cancel=cancel)
         # In log space, so normalisation holds even when every probability underflows.
         log_coverage = float(logsumexp(np.array(scored)))
@@ -198,12 +188,10 @@ class SpectrumModel:
         no output left can reach ``min_prob``, at ``max_outputs`` outputs, or when the next
         read would decode more than ``max_decoded`` tokens in all. Outputs longer than
         ``max_tokens`` tokens are not followed (their mass is ``cut``)."""
-        if not all(isinstance(x, numbers.Real) and math.isfinite(x) for x in (coverage, min_prob)) \
-                or not 0 < coverage <= 1 or not 0 <= min_prob <= 1:
-            raise InputError("enumerate needs 0 < coverage <= 1 and 0 <= min_prob <= 1")
-        check_int("max_outputs", max_outputs, 1)
-        check_int("max_tokens", max_tokens, 1)
-        check_int("max_decoded", max_decoded, 0)
+        o = EnumerateOptions.check(coverage=coverage, min_prob=min_prob, max_outputs=max_outputs,
+                                   max_tokens=max_tokens, max_decoded=max_decoded)
+        coverage, min_prob, max_outputs, max_tokens = (o.coverage, o.min_prob, o.max_outputs,
+                                                       o.max_tokens)
         if not self.engine.whole_rows:
             raise InputError("enumerate needs every token's probability at each step, and a vLLM "
                              "server gives at most --max-logprobs tokens per position: enumerate "
@@ -213,7 +201,7 @@ class SpectrumModel:
         search = best_first(self.engine, prompt_tokens, self.end_of_output_id, other_ends,
                             self.engine.detokenize, coverage=coverage, min_prob=min_prob,
                             max_outputs=max_outputs, max_tokens=max_tokens,
-                            max_decoded=max_decoded, cancel=cancel)
+                            max_decoded=o.max_decoded, cancel=cancel)
         paths: dict[str, dict[tuple, float]] = {}  # text -> the token paths found that spell it
         for logprob, tokens, text in search.found:
             paths.setdefault(text, {})[tokens] = logprob
@@ -349,18 +337,9 @@ class Reads:
 
 
 def unique_candidates(candidates: Sequence[str]) -> list[str]:
-    """The candidates, checked, each once (with a warning when some repeat)."""
-    if isinstance(candidates, str):
-        raise InputError("candidates must be a list of strings, not one string")
+    """The candidates (checked by ``ScoreOptions``) each once, with a warning when some
+    repeat."""
     unique = list(dict.fromkeys(candidates))
-    if not unique:
-        raise InputError("no candidates to score")
-    for c in unique:
-        if not isinstance(c, str):
-            raise InputError(f"candidates must be strings, got {c!r}")
-        if c == "":
-            raise InputError("a candidate is the empty string; an empty output is not scored "
-                             "(remove it, e.g. a stray comma in --candidates)")
     if len(unique) < len(candidates):
         warnings.warn(f"{len(candidates) - len(unique)} repeated candidate(s) scored once, so "
                       "coverage counts each answer once", UserWarning, stacklevel=3)
