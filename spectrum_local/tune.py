@@ -133,7 +133,7 @@ def tune(tasks: str | os.PathLike, out: str | os.PathLike, *, model: str | None 
         tokens = sum(len(e.tokens) + sum(len(c) for _, c in e.reads.continuations) for e in train)
         say(f"{len(train)} tasks to train on ({tokens / len(train):.0f} tokens each on "
             f"average, packed), {len(held)} held out")
-        torch, peft_model = _peft_model(base, weights, settings, threads, say)
+        torch, peft_model = lora_model(base, weights, settings, threads, say)
         _check_same_model(torch, peft_model, base, held or train)
         run = _run_identity(base, weights, train, settings)
         started = time.monotonic()
@@ -221,8 +221,10 @@ def _example(base: SpectrumModel, task: DistributionTask) -> _Example:
 
 # -- the model --------------------------------------------------------------------------------
 
-def _peft_model(base: SpectrumModel, weights: str | None, settings: TuneSettings,
-                threads: int | None, say):
+def lora_model(base: SpectrumModel, weights: str | None, settings: TuneSettings,
+               threads: int | None, say):
+    """torch, and the base in torch (its GGUF's weights, or ``weights``) with new LoRA layers
+    on ``TARGET_MODULES``: what a run trains, and what the tests check the packed loss on."""
     try:
         import torch
         from peft import LoraConfig, get_peft_model

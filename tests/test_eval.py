@@ -22,7 +22,7 @@ from spectrum_local import InputError, metrics
 from spectrum_local.convert import convert
 from spectrum_local.eval import (DistributionTask, GenerationTask, SteerabilityTask, Validator,
                                  compare_task, evaluate, load_tasks, run_task, task_prompt)
-from spectrum_local.formats import parse_messages
+from spectrum_local.formats import get_format, parse_messages
 
 LN2 = math.log(2)
 
@@ -212,7 +212,6 @@ def naive_logprob(model, naive, messages, text, end_token=True):
     """log P(text [+ end] | messages) from one full evaluation, rendered as one string and split
     where the tokens first differ (as tests/naive.py does for score)."""
     from spectrum_local.backend import common_prefix
-    from spectrum_local.formats import get_format
 
     fmt, parsed = get_format(model.format), parse_messages(messages)
     prompt = model.tokenize(fmt.render(parsed))
@@ -274,7 +273,8 @@ def test_output_logprobs_equal_separate_scores_from_one_read(f32_models, naive_f
     with pytest.raises(InputError, match="output number must be between 0 and 4"):
         model.output_logprobs(messages, outputs=[5])
     # One read along the conversation (plus any re-spelled prompt ends), not a prompt per output.
-    conversation = model.tokenize(model._fmt.render(parse_messages(messages), output_prefix=None))
+    fmt = get_format(model.format)
+    conversation = model.tokenize(fmt.render(parse_messages(messages), output_prefix=None))
     assert evaluated <= len(conversation) + 4
 
 

@@ -61,8 +61,8 @@ def torch_models(checkpoints, f32_models):
     models = {}
     for family in FAMILIES:
         base = f32_models[family]
-        _, peft = tuning._peft_model(base, str(checkpoints[family]),
-                                     tuning.TuneSettings(rank=4, alpha=8), None, lambda m: None)
+        _, peft = tuning.lora_model(base, str(checkpoints[family]),
+                                    tuning.TuneSettings(rank=4, alpha=8), None, lambda m: None)
         generator = torch.Generator().manual_seed(7)
         with torch.no_grad():
             for name, p in peft.named_parameters():
@@ -96,8 +96,8 @@ def test_packed_logprobs_match_transformers_one_candidate_at_a_time(family, prom
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_logprobs_match_llama_cpp_on_the_base(family, f32_models, checkpoints):
     base = f32_models[family]
-    _, peft = tuning._peft_model(base, str(checkpoints[family]), tuning.TuneSettings(rank=4),
-                                 None, lambda m: None)
+    _, peft = tuning.lora_model(base, str(checkpoints[family]), tuning.TuneSettings(rank=4),
+                                None, lambda m: None)
     for messages, candidates in PROMPTS.values():
         packed = torch_logprobs(base, peft, messages, candidates)
         scored = [c.logprob for c in base.score(messages, candidates).candidates]
