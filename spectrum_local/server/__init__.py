@@ -1,62 +1,56 @@
 """``spectrum-local serve``: one loaded model behind HTTP for desktop tools and other clients.
 
-- ``app.py``     the ASGI app: native routes (one per operation), auth, error handlers, the page
-- ``guard.py``   what a request must be before any route runs (Host, Origin, JSON, size, time)
-- ``errors.py``  the error body
-- ``schemas.py`` the request bodies of the native routes (typed, unknown fields rejected)
-- ``openai.py``  the OpenAI/vLLM-compatible routes (/v1/completions, /v1/models, /tokenize, ...)
-- ``static/``    the web page at ``/`` (self-contained: no CDN)
+- ``app.py``      ``create_app``: the guard, the routers, the error mapper, the API key
+- ``native.py``   the native routes, ``/spectrum/v1/*`` (one per operation), /health, the page
+- ``schemas.py``  their request bodies: the messages and ``ops``' options under the server caps
+- ``openai/``     the OpenAI/vLLM-compatible routes: ``protocol.py`` (request models and their
+  validators), ``serving.py`` (plan and generation), ``logprobs.py`` and ``responses.py``
+  (vLLM's shapes), ``routes.py`` (thin)
+- ``bridge.py``   worker threads to the event loop: a call cancelled when its client goes away,
+  and the one server-sent-event stream
+- ``errors.py``   the one mapper from an exception to the error body and status
+- ``guard.py``    what a request must be before any route runs (Host, Origin, JSON, size, time)
+- ``hosts.py``    loopback names, and whether an address can be listened on
+- ``static/``     the web page at ``/`` (self-contained: no CDN)
 
-Routes are thin: they validate, then call the Python API (``SpectrumModel``) in a worker thread.
-The model's backend is a ``Scheduler``, which merges concurrent requests into shared decodes.
+Modules import downwards only: app -> routes -> bridge, schemas, protocol -> errors. The model's
+backend is a ``Scheduler``, which merges concurrent requests into shared decodes.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import socket
+import asyncio
 import sys
 
-from ..errors import InputError
+from ..ops import SERVER_MAX_N as MAX_N  # noqa: F401  (the remote client splits n by it)
+from .hosts import check_address, is_loopback
 
-# Samples per request on a shared service (the Python API allows more, see model.MAX_SAMPLES;
-# a remote.ServedModel splits larger n into requests of this size).
-MAX_N = 256
+__all__ = ["MAX_N", "check_address", "is_loopback", "serve"]
 
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a bind address, or the name in a Host header) is this machine only."""
-    name = host.strip("[]").rstrip(".").lower()
-    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def check_address(host: str, port: int) -> None:
-    """Fail before the model loads if ``host:port`` cannot be listened on (a port in use, an
-    address this machine does not have), with one line instead of uvicorn's log."""
-    try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-            probe.bind(address)
-    except OSError as e:
-        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+# After the grace period, requests in flight are cancelled and answer what they have (a
+# decode step away); past this many more seconds, uvicorn drops what still has not answered.
+_LAST_RESORT = 30.0
 
 
 def serve(model, *, host: str, port: int, api_key: str | None, cors_origins: tuple[str, ...],
           allowed_hosts: tuple[str, ...], timeout: float, grace: float) -> None:
     """Serve ``model`` until Ctrl-C or SIGTERM; then stop accepting, give requests in flight
-    ``grace`` seconds, and return. The Host header is checked on a loopback bind, or when
-    ``allowed_hosts`` names the server's names on the network (see ``guard``)."""
+    ``grace`` seconds to finish, cancel those still running (samples end "abort", reads are a
+    503) and return once all have answered. The Host header is checked on a loopback bind,
+    or when ``allowed_hosts`` names the server's names on the network (see ``guard``)."""
     import uvicorn
 
     from ..scheduler import Scheduler
     from .app import create_app
     from .guard import GuardedH11
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            timer = asyncio.get_running_loop().call_later(grace, app.state.in_flight.cancel_all)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
 
     shown = f"[{host}]" if ":" in host else host
     print(f"spectrum-local: serving {model.path} ({model.format} format) at http://{shown}:{port}/ "
@@ -65,10 +59,11 @@ def serve(model, *, host: str, port: int, api_key: str | None, cors_origins: tup
         checked = allowed_hosts if is_loopback(host) or allowed_hosts else None
         app = create_app(model.using(scheduler), api_key=api_key, cors_origins=cors_origins,
                          allowed_hosts=checked, timeout=timeout)
-        config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace,
+        config = uvicorn.Config(app, host=host, port=port,
+                                timeout_graceful_shutdown=grace + _LAST_RESORT,
                                 http=GuardedH11.with_timeout(timeout), log_level="info",
                                 access_log=False)
         try:
-            uvicorn.Server(config).run()
+            Server(config).run()
         except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down for: done
             pass

@@ -34,8 +34,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import InputError
 from ..textfile import check_unicode
-from . import is_loopback
-from .errors import error_response
+from .errors import APIError, error_response
+from .hosts import host_name, is_loopback
 
 MAX_BODY = 4 * 2**20  # bytes: a prompt of a million characters is not a desktop tool's call
 REQUEST_TIMEOUT = 30.0  # seconds for a request's headers, and again for its body
@@ -43,14 +43,6 @@ REQUEST_TIMEOUT = 30.0  # seconds for a request's headers, and again for its bod
 _JSON_TYPE = re.compile(rb"^application/([a-z0-9.+-]*\+)?json$")
 # A JSON \u escape of a surrogate (U+D800..U+DFFF): only bodies holding one are parsed here.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def host_name(host: str) -> str:
-    """The name of a ``Host`` header, without its port: ``[::1]:8717`` -> ``[::1]``."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[:host.find("]") + 1]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class RequestGuard:
@@ -81,19 +73,19 @@ class RequestGuard:
         host = host_name(headers.get("host", ""))
         if self.allowed_hosts is not None and host and host not in self.allowed_hosts \
                 and not is_loopback(host):
-            return error_response(403, f"the Host header {host!r} is not this server's name; "
-                                       "start the server with --allowed-host NAME to accept it")
+            return _refuse(403, f"the Host header {host!r} is not this server's name; "
+                                "start the server with --allowed-host NAME to accept it")
         origin = headers.get("origin")
         if origin is not None and origin.rstrip("/").lower() not in self.cors_origins \
                 and origin.lower() != f"{scope['scheme']}://{headers.get('host', '')}".lower():
-            return error_response(403, f"requests from pages of {origin} are refused; start the "
-                                       f"server with --cors-origin {origin} to allow them")
+            return _refuse(403, f"requests from pages of {origin} are refused; start the "
+                                f"server with --cors-origin {origin} to allow them")
         if _has_body(scope):
             kind = headers.get("content-type")
             media = (kind or "").split(";")[0].strip().lower().encode()
             if (kind is None and origin is not None) or (kind is not None
                                                          and not _JSON_TYPE.match(media)):
-                return error_response(
+                return _refuse(
                     415, f"the body must be JSON, sent with 'Content-Type: application/json' "
                          f"(this one: {kind or 'no Content-Type, from a web page'}); with curl: "
                          "--json '{...}', or -H 'Content-Type: application/json' -d '{...}'")
@@ -112,8 +104,8 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
             except asyncio.TimeoutError:
-                return error_response(408, f"the request body did not arrive within "
-                                           f"{self.timeout:g} s"), receive
+                return _refuse(408, f"the request body did not arrive within "
+                                    f"{self.timeout:g} s"), receive
             if message["type"] == "http.disconnect":
                 return None, _replay([message], receive)
             size += len(message.get("body", b""))
@@ -126,20 +118,20 @@ class RequestGuard:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as e:
-            return error_response(400, f"the request body is not UTF-8 text (byte "
-                                       f"0x{body[e.start]:02X} at offset {e.start})"), receive
+            return _refuse(400, f"the request body is not UTF-8 text (byte "
+                                f"0x{body[e.start]:02X} at offset {e.start})"), receive
         if _SURROGATE_ESCAPE.search(body):
             try:
                 check_unicode(json.loads(body), "the request body")
             except InputError as e:
-                return error_response(400, str(e)), receive
+                return error_response(e), receive
             except (ValueError, RecursionError):
                 pass  # not JSON, or nested too deeply to walk: the route says so
         return None, _replay([{"type": "http.request", "body": body, "more_body": False}],
                              receive)
 
     def _too_large(self):
-        return error_response(413, f"the request body is larger than {self.limit} bytes")
+        return _refuse(413, f"the request body is larger than {self.limit} bytes")
 
 
 def _json_by_default(scope):
@@ -200,3 +192,7 @@ class GuardedH11(H11Protocol):
                 self.transport.close()
 
         self._headers_timer = self.loop.call_later(self.timeout, expire)
+
+
+def _refuse(status: int, message: str):
+    return error_response(APIError(message, status=status))

@@ -1,5 +1,7 @@
-"""Request bodies of the native endpoints: the Python API's arguments, typed. Unknown fields are
-rejected (422), so a misspelt option never silently falls back to a default."""
+"""Request bodies of the native endpoints: the messages, then the operation's options as
+``ops`` defines them under the server's per-request caps (``Options.served()``), so a bad value
+gets the message the Python API and the command line give, here as a 400. Unknown fields are
+refused, so a misspelt option never silently falls back to a default."""
 
 from __future__ import annotations
 
@@ -7,58 +9,38 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import MAX_N
-
-MAX_CANDIDATES = 10_000
-MAX_K = 1000
-# enumerate: one request's search is bounded (each of its reads queues with other requests').
-MAX_OUTPUTS = 1000
-MAX_OUTPUT_TOKENS = 256
-MAX_DECODED = 100_000
+from .. import ops
 
 
-class Strict(BaseModel):
-    # strict: "5" is not a number and 1.5 is not a count; extra: a misspelt field is an error.
+class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-
-class Message(Strict):
     role: Literal["description", "input", "output"]
     content: str
 
 
-class ScoreRequest(Strict):
+class _Messages(BaseModel):
     messages: list[Message]
-    candidates: list[str] | str = Field(
-        max_length=MAX_CANDIDATES,
-        description='The candidate answers, or a spec as on the command line: "2..12", "a,b,c"')
+
+    def message_list(self) -> list[dict]:
+        return [m.model_dump() for m in self.messages]
+
+    def options(self) -> dict:
+        """The operation's keyword arguments: every field but the messages and the stream."""
+        return self.model_dump(exclude={"messages", "stream"})
 
 
-class TopRequest(Strict):
-    messages: list[Message]
-    k: int = Field(10, ge=1, le=MAX_K)
-    prefix: str = ""
+class ScoreRequest(_Messages, ops.ScoreOptions.served()):
+    pass
 
 
-class EnumerateRequest(Strict):
-    messages: list[Message]
-    coverage: float = Field(0.95, gt=0, le=1)
-    min_prob: float = Field(0.0, ge=0, le=1)
-    max_outputs: int = Field(100, ge=1, le=MAX_OUTPUTS)
-    max_tokens: int = Field(32, ge=1, le=MAX_OUTPUT_TOKENS)
-    max_decoded: int = Field(20_000, ge=0, le=MAX_DECODED,
-                             description="Budget: tokens decoded in all (a server-wide cap "
-                                         "keeps one request from holding the model for long)")
+class TopRequest(_Messages, ops.TopOptions.served()):
+    pass
 
 
-class SampleRequest(Strict):
-    messages: list[Message]
-    n: int = Field(1, ge=1, le=MAX_N)
-    max_tokens: int = 256
-    seed: int | None = None
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
+class EnumerateRequest(_Messages, ops.EnumerateOptions.served()):
+    pass
+
+
+class SampleRequest(_Messages, ops.SampleOptions.served()):
     stream: bool = Field(False, description="Send one server-sent event per finished sample")
