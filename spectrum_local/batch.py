@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import candidates as candidate_specs
 from .display import Progress
-from .engine import Engine
+from .llama import Engine
 from .errors import InputError
 from .model import SpectrumModel
 from .scheduler import Scheduler
@@ -34,20 +34,8 @@ from .textfile import (ResultsFile, check_unicode, jsonl_lines, open_results,
 
 DEFAULT_PARALLEL = 16  # requests in flight against a server
 
-# Per operation: the fields a line may hold besides id and messages, with their JSON types.
-_NUMBER = (int, float)
-FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "score": {"candidates": (list, str)},
-    "sample": {"n": int, "max_tokens": int, "seed": int, "temperature": _NUMBER,
-               "top_k": int, "top_p": _NUMBER, "min_p": _NUMBER, "repeat_penalty": _NUMBER},
-    "top": {"k": int, "prefix": str},
-    "enumerate": {"coverage": _NUMBER, "min_prob": _NUMBER, "max_outputs": int,
-                  "max_tokens": int, "max_decoded": int},
-}
-
-
 def _run_score(model: SpectrumModel, messages: list, options: dict) -> dict:
-    result = model.score(messages, candidate_specs.resolve(options.get("candidates")))
+    result = model.score(messages, **options)
     return {"coverage": result.coverage, "candidates": [c.to_dict() for c in result.candidates]}
 
 
@@ -132,6 +120,8 @@ def read_jobs(lines: Iterable[str], operation: str, defaults: dict,
 
 
 def _parse_line(number: int, text: str, operation: str, defaults: dict) -> Job:
+    """A line's job: its id, messages, and options (the line's fields over ``defaults``),
+    checked by the operation's ``ops`` model, so a bad value reads as it does everywhere."""
     obj = parse_json_line(text)
     if not isinstance(obj, dict):
         raise InputError("a line must be a JSON object")
@@ -139,15 +129,24 @@ def _parse_line(number: int, text: str, operation: str, defaults: dict) -> Job:
     messages = obj.get("messages", [])
     if not isinstance(messages, list):
         raise InputError('"messages" must be a list of {"role", "content"} objects')
-    ident = check_line(obj, number, FIELDS[operation], operation, also={"messages"})
-    options = {**defaults, **{name: obj[name] for name in FIELDS[operation] if name in obj}}
+    ident = line_id(obj, number)
+    fields = {name: value for name, value in obj.items() if name not in ("id", "messages")}
+    options = OPERATIONS[operation].check(**{**defaults, **fields}).model_dump()
     return Job(number, ident, messages, options)
 
 
+def line_id(obj: dict, number: int) -> str | int:
+    """A JSONL line's id: its "id", a string or an integer, else its line number."""
+    ident = obj.get("id", number)
+    if not isinstance(ident, (str, int)) or isinstance(ident, bool):
+        raise InputError('"id" must be a string or an integer')
+    return ident
+
+
 def check_line(obj: dict, number: int, fields: dict, what: str, also: set[str]) -> str | int:
-    """A JSONL line's id (default: its line number), once ``obj`` is checked to hold only
-    ``id``, ``also`` and ``fields``, each of these with its JSON type (a boolean only where a
-    boolean is asked for). Batch jobs and eval task files read their lines with it."""
+    """A JSONL line's id, once ``obj`` is checked to hold only ``id``, ``also`` and
+    ``fields``, each of these with its JSON type (a boolean only where a boolean is asked
+    for). Eval's task files read their lines with it."""
     unknown = set(obj) - {"id"} - also - set(fields)
     if unknown:
         raise InputError(f"unknown field(s) for {what}: {', '.join(sorted(unknown))}")
@@ -156,10 +155,7 @@ def check_line(obj: dict, number: int, fields: dict, what: str, also: set[str]) 
         if name in obj and (not isinstance(value, kind)
                             or (isinstance(value, bool) and kind is not bool)):
             raise InputError(f'"{name}" has the wrong type: {value!r}')
-    ident = obj.get("id", number)
-    if not isinstance(ident, (str, int)) or isinstance(ident, bool):
-        raise InputError('"id" must be a string or an integer')
-    return ident
+    return line_id(obj, number)
 
 
 def _finished_id(operation: str, out: str) -> Callable[[int, dict], str]:
@@ -202,7 +198,7 @@ class BatchJob:
         """Run the lines on ``model`` (a ``SpectrumModel`` or a ``remote.ServedModel``).
         ``parallel``: lines in flight; default 1 locally, ``DEFAULT_PARALLEL`` against a
         server."""
-        local = isinstance(getattr(model, "engine", None), Engine)
+        local = model.local
         if parallel is None:
             parallel = 1 if local else DEFAULT_PARALLEL
         if parallel < 1:

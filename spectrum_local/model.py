@@ -37,7 +37,7 @@ def load(model: str | os.PathLike | None = None, *, format: str | None = None,
     length if that is smaller. ``lora``: GGUF LoRA adapters (paths or hub specs) with their
     scales, applied by llama.cpp on top of the weights (quantized ones too), after the default
     model's own adapter unless ``no_lora``."""
-    from .engine import Engine  # here: the remote client must not load llama.cpp
+    from .llama import Engine  # here: the remote client must not load llama.cpp
 
     source = locate(model)
     adapters = [] if no_lora else list(source.lora)
@@ -87,6 +87,11 @@ class SpectrumModel:
     def using(self, backend) -> "SpectrumModel":
         """The same model over another backend (a ``Scheduler`` of this model's engine)."""
         return SpectrumModel(backend, self._fmt, self.notice, self._format_from)
+
+    @property
+    def local(self) -> bool:
+        """Whether the operations run in this process (llama.cpp), not on a server."""
+        return not getattr(self.engine, "remote", False)
 
     def info(self) -> dict:
         """What the backend says of the model (the file and llama.cpp's build, or the server),

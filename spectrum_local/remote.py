@@ -31,9 +31,9 @@ import numpy as np
 
 from . import formats
 from .backend import Backend, Generation, Path, PathResult
-from .errors import Cancelled, InputError, SpectrumError, check_int
-from .model import MAX_SAMPLES, SpectrumModel, unique_candidates
-from .server import MAX_N
+from .errors import Cancelled, InputError, SpectrumError
+from .model import SpectrumModel, unique_candidates
+from .ops import SERVER_MAX_N, EnumerateOptions, SampleOptions, ScoreOptions, TopOptions
 from .results import (CandidateScore, EnumeratedOutput, EnumerateResult, Sample, ScoreResult,
                       TokenProb)
 
@@ -255,43 +255,55 @@ class ServedModel:
     def info(self) -> dict:
         return {**self._info, "server": [r.url for r in self.client.replicas]}
 
+    local = False  # the server runs the operations
+
+    # Each operation's body: the messages and its options, checked here by their ``ops``
+    # model (the server checks them again, under its caps) and sent where they differ from
+    # the defaults, which the server shares.
+
     def sample(self, messages, n: int = 1, *, max_tokens: int = 256, seed: int | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                repeat_penalty: float = 1.0) -> list[Sample]:
-        body = {"messages": _message_dicts(messages), "max_tokens": max_tokens,
-                "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
-                "repeat_penalty": repeat_penalty}
-        check_int("n", n, 1, MAX_SAMPLES)
+        options = SampleOptions.check(n=n, max_tokens=max_tokens, seed=seed,
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      min_p=min_p, repeat_penalty=repeat_penalty)
+        body = {"messages": _message_dicts(messages),
+                **options.model_dump(exclude_defaults=True, exclude={"n", "seed"})}
 
         def part(start: int) -> list[dict]:
             # Sample i is seeded seed + i, so the parts give exactly the samples of one call.
-            size = min(MAX_N, n - start)
+            size = min(SERVER_MAX_N, options.n - start)
             answer = self.client.post("/spectrum/v1/sample", {
-                **body, "n": size, "seed": None if seed is None else seed + start})
+                **body, "n": size, "seed": None if seed is None else options.seed + start})
             return answer["samples"]
 
-        starts = range(0, n, MAX_N)  # the server's limit per request; sent side by side
+        starts = range(0, options.n, SERVER_MAX_N)  # the server's cap; sent side by side
         with ThreadPoolExecutor(len(starts)) as pool:
             return [Sample(**s) for samples in pool.map(part, starts) for s in samples]
 
     def top(self, messages, k: int = 10, *, prefix: str = "") -> list[TokenProb]:
+        options = TopOptions.check(k=k, prefix=prefix)
         answer = self.client.post("/spectrum/v1/top", {
-            "messages": _message_dicts(messages), "k": k, "prefix": prefix})
+            "messages": _message_dicts(messages), **options.model_dump(exclude_defaults=True)})
         return [TokenProb(**t) for t in answer["tokens"]]
 
-    def score(self, messages, candidates: Sequence[str]) -> ScoreResult:
+    def score(self, messages, candidates: Sequence[str], *, end_token: bool = True) -> ScoreResult:
+        options = ScoreOptions.check(candidates=candidates, end_token=end_token)
         answer = self.client.post("/spectrum/v1/score", {
-            "messages": _message_dicts(messages), "candidates": unique_candidates(candidates)})
+            "messages": _message_dicts(messages),
+            **options.model_dump(exclude_defaults=True),
+            "candidates": unique_candidates(options.candidates)})
         return ScoreResult(answer["coverage"],
                            [CandidateScore(**c) for c in answer["candidates"]])
-
 
     def enumerate(self, messages, *, coverage: float = 0.95, min_prob: float = 0.0,
                   max_outputs: int = 100, max_tokens: int = 32,
                   max_decoded: int = 20_000) -> EnumerateResult:
+        options = EnumerateOptions.check(coverage=coverage, min_prob=min_prob,
+                                         max_outputs=max_outputs, max_tokens=max_tokens,
+                                         max_decoded=max_decoded)
         answer = self.client.post("/spectrum/v1/enumerate", {
-            "messages": _message_dicts(messages), "coverage": coverage, "min_prob": min_prob,
-            "max_outputs": max_outputs, "max_tokens": max_tokens, "max_decoded": max_decoded})
+            "messages": _message_dicts(messages), **options.model_dump(exclude_defaults=True)})
         fields = {f: answer[f] for f in ("coverage", "unexplored", "exhausted", "stopped", "cut",
                                         "decoded")}
         return EnumerateResult(**fields, outputs=[EnumeratedOutput(**o) for o in answer["outputs"]])
@@ -366,6 +378,7 @@ class VLLMBackend(Backend):
     # -- reads and samples ----------------------------------------------------------------
 
     whole_rows = False  # vLLM gives at most --max-logprobs tokens per position
+    remote = True  # SpectrumModel.local: the model runs on the server
 
     def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None, *,
              cancel=None) -> list[PathResult]:

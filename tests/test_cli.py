@@ -132,10 +132,13 @@ def test_messages_with_a_byte_order_mark(tmp_path):
     (("top", "--messages", "-"), b"{not json", 2, "not valid JSON"),
     (("top", "--messages", "-"), b"\xff\xfe", 2, "not UTF-8"),
     (("top", "-m", "/nonexistent/model.gguf", "-d", "x"), None, 2, "not found"),
-    (("sample", "-d", "x", "-n", "0"), None, 2, "-n"),
-    (("top", "-d", "x", "-k", "0"), None, 2, "-k"),
-    (("enumerate", "-d", "x", "--coverage", "0"), None, 2, "--coverage"),
-    (("enumerate", "-d", "x", "--max-tokens", "0"), None, 2, "--max-tokens"),
+    # The options' messages are the API's (spectrum_local.ops), before any model loads.
+    (("sample", "-d", "x", "-n", "0"), None, 2, "n must be at least 1, got 0"),
+    (("top", "-d", "x", "-k", "0"), None, 2, "k must be at least 1, got 0"),
+    (("enumerate", "-d", "x", "--coverage", "0"), None, 2, "coverage must be greater than 0"),
+    (("enumerate", "-d", "x", "--max-tokens", "0"), None, 2, "max_tokens must be at least 1"),
+    (("sample", "-d", "x", "--top-p", "1.5"), None, 2, "top_p must be at most 1, got 1.5"),
+    (("top", "-d", "x", "--ctx", "8"), None, 2, "ctx must be at least 32, got 8"),
     (("top", "-d", "word " * 3000, "--ctx", "512"), None, 2, "raise --ctx"),
 ])
 def test_bad_input_is_one_clear_line(args, stdin, code, message):
