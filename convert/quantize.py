@@ -76,7 +76,7 @@ def _child(src: str, dst: str, outtype: str, parent: str) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)
         if os.getppid() != int(parent):  # it died before the prctl
             sys.exit(1)
-    from spectrum_local.engine import quantize as llama_quantize
+    from spectrum_local.llama import quantize as llama_quantize
     try:
         llama_quantize(src, dst, outtype)
     except SpectrumError as e:

@@ -52,7 +52,7 @@ import tiny_checkpoints  # noqa: E402 - the test helpers build the checkpoint
 import spectrum_local  # noqa: E402
 from spectrum_local.backend import logsumexp  # noqa: E402
 from spectrum_local.convert import convert  # noqa: E402
-from spectrum_local.engine import cpu_name  # noqa: E402
+from spectrum_local.llama import cpu_name  # noqa: E402
 from spectrum_local.eval import evaluate, load_tasks, task_prompt  # noqa: E402
 
 QUANTIZED = ("q8_0", "q4_k_m")

@@ -12,7 +12,7 @@ import pytest
 
 import spectrum_local
 from spectrum_local.convert import convert
-from spectrum_local.engine import cpu_has_amx, cpu_name, use_extra_buffer_types
+from spectrum_local.llama import cpu_has_amx, cpu_name, use_extra_buffer_types
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_checkpoints  # noqa: E402

@@ -11,7 +11,7 @@ import llama_cpp
 import numpy as np
 
 from spectrum_local.backend import common_prefix
-from spectrum_local.engine import use_extra_buffer_types
+from spectrum_local.llama import use_extra_buffer_types
 from spectrum_local.formats import get_format, parse_messages
 from spectrum_local.source import DEFAULT_ADAPTER
 

@@ -92,9 +92,9 @@ def llama_cpp_logprobs(path: Path, ids: list[int]) -> np.ndarray:
     """All positions' log-probabilities from llama.cpp's C API, in one batch, F32 KV cache."""
     import llama_cpp
     # the runtime's backend set-up (quiet logs) and its AMX work-around (0.3.36 crashes there)
-    from spectrum_local.engine import _init_backend, use_extra_buffer_types
+    from spectrum_local.llama.native import init_backend, use_extra_buffer_types
 
-    _init_backend()
+    init_backend()
     model_params = llama_cpp.llama_model_default_params()
     model_params.use_extra_bufts = use_extra_buffer_types()
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
