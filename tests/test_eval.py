@@ -170,6 +170,7 @@ def test_bad_task_lines_are_reported_with_their_numbers(tmp_path):
         task_line(**{**DIST, "messages": [{"role": "description", "content": "a\ud800"}]}),
         task_line(id="\udfff", **DIST),
         "[" * 100_000 + "]" * 100_000,  # deeper than the JSON parser goes
+        task_line(**{**GEN, "n": 0}),
         json.dumps({**STEER, "id": "U+2028 stays inside its line: \u2028"}, ensure_ascii=False),
     ]
     path = tmp_path / "tasks.jsonl"
@@ -177,7 +178,7 @@ def test_bad_task_lines_are_reported_with_their_numbers(tmp_path):
     with pytest.raises(InputError) as error:
         load_tasks(str(path))
     reported = str(error.value).splitlines()
-    assert [line.split(":")[0] for line in reported] == [f"{path} line {n}" for n in range(2, 16)]
+    assert [line.split(":")[0] for line in reported] == [f"{path} line {n}" for n in range(2, 17)]
     for needle, line in [("not valid JSON", 2), ("sum to 0.95", 3), ("negative", 4),
                          ("repeated candidate", 5), ("unknown field(s) for a generation task: "
                                                      "validator", 6),
@@ -185,7 +186,7 @@ def test_bad_task_lines_are_reported_with_their_numbers(tmp_path):
                          ('"type" must be one of', 9), ("duplicate id 'ok'", 10),
                          ("does not compile", 11), ('"n" has the wrong type', 12),
                          ("lone surrogate U+D800", 13), ("lone surrogate U+DFFF", 14),
-                         ("not valid JSON", 15)]:
+                         ("not valid JSON", 15), ("n must be at least 1, got 0", 16)]:
         assert needle in reported[line - 2], (needle, reported[line - 2])
 
 

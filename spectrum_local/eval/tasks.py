@@ -19,7 +19,7 @@ from .. import candidates as candidate_specs
 from .. import formats
 from ..batch import check_line
 from ..errors import InputError
-from ..model import MAX_SAMPLES
+from ..ops import SampleOptions
 from ..textfile import check_unicode, jsonl_lines, parse_json_line, read_text
 
 SUITES = ("basic",)
@@ -218,12 +218,9 @@ def _generation(ident, obj: dict) -> GenerationTask:
         value = tuple(value)
     if kind == "valid":
         value = frozenset(value)
-    n, max_tokens = obj.get("n", DEFAULT_N), obj.get("max_tokens", DEFAULT_MAX_TOKENS)
-    if not 1 <= n <= MAX_SAMPLES:
-        raise InputError(f'"n" must be between 1 and {MAX_SAMPLES}')
-    if max_tokens < 1:
-        raise InputError('"max_tokens" must be at least 1')
-    return GenerationTask(ident, messages, n, max_tokens, Validator(kind, value))
+    options = SampleOptions.check(n=obj.get("n", DEFAULT_N),
+                                  max_tokens=obj.get("max_tokens", DEFAULT_MAX_TOKENS))
+    return GenerationTask(ident, messages, options.n, options.max_tokens, Validator(kind, value))
 
 
 def _steerability(ident, obj: dict) -> SteerabilityTask:
