@@ -23,11 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from . import candidates as candidate_specs
 from .display import Progress
-from .llama import Engine
 from .errors import InputError
 from .model import SpectrumModel
+from .ops import OPERATIONS
 from .scheduler import Scheduler
 from .textfile import (ResultsFile, check_unicode, jsonl_lines, open_results,
                        parse_json_line, read_text)
