@@ -257,10 +257,10 @@ def _problem(name: str, error: Mapping) -> str:
         return f"{name} must be {words} {bound}, got {value!r}"
     if kind in _KINDS:
         return f"{name} must be {_KINDS[kind]}, got {_short(value)}"
-    if kind == "too_long":
-        return f"{name}: {ctx.get('actual_length')} items; the limit is {ctx['max_length']}"
-    if kind == "too_short":
-        return f"{name} must hold at least {ctx['min_length']} item(s), got {ctx.get('actual_length')}"
+    if kind in ("too_long", "too_short"):
+        bound = (f"at most {ctx['max_length']}" if kind == "too_long"
+                 else f"at least {ctx['min_length']}")
+        return f"{name} must hold {bound} item(s), got {ctx.get('actual_length')}"
     if kind == "missing":
         return f"{name} is required"
     if kind == "literal_error":
