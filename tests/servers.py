@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(args: list[str] = (), *, api_key: str | None = None, timeout: float = 180):
+def running_server(args: list[str] = (), *, api_key: str | None = None, timeout: float = 600):
     """Yield the base URL of ``spectrum-local serve`` started with ``args``; SIGTERM it after."""
     port = free_port()
     with running(serve_command(args, port), port, "/health", env=serve_env(api_key),
@@ -42,7 +42,7 @@ def serve_env(api_key: str | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def running(command: list[str], port: int, health: str, *, env=None, timeout: float = 180):
+def running(command: list[str], port: int, health: str, *, env=None, timeout: float = 600):
     """Run a server ``command`` listening on loopback ``port``; yield its URL once ``health``
     answers 200; SIGTERM it afterwards."""
     proc = start(command, port, health, env=env, timeout=timeout)
@@ -53,7 +53,7 @@ def running(command: list[str], port: int, health: str, *, env=None, timeout: fl
 
 
 def start(command: list[str], port: int, health: str, *, env=None,
-          timeout: float = 180) -> subprocess.Popen:
+          timeout: float = 600) -> subprocess.Popen:
     """Start a server ``command`` and return it once ``health`` on ``port`` answers 200."""
     # Output goes to a file, not a pipe: a server that logs more than a pipe holds while
     # nobody reads it would block on its next write.
@@ -66,7 +66,7 @@ def start(command: list[str], port: int, health: str, *, env=None,
         if proc.poll() is not None:
             raise RuntimeError(f"{command[2:4]} exited with {proc.returncode}:\n{output(proc)}")
         try:
-            if httpx.get(url + health, timeout=1).status_code == 200:
+            if httpx.get(url + health, timeout=10).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
@@ -81,7 +81,7 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     if proc.poll() is None:
         proc.send_signal(sig)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -328,7 +328,7 @@ def test_control_markers_in_a_raw_prompt_are_control_tokens(base_url, client):
 
 
 @pytest.mark.parametrize("body, param, wording", [
-    ({"n": 0}, "n", "n must be at least 1, got 0."),
+    ({"n": 0}, "n", "n must be at least 1, got 0"),
     ({"max_tokens": -1}, "max_tokens", "max_tokens must be at least 1, got -1."),
     ({"logprobs": 50}, "logprobs",
      "Requested sample logprobs of 50, which is greater than max allowed: 20"),
@@ -336,8 +336,9 @@ def test_control_markers_in_a_raw_prompt_are_control_tokens(base_url, client):
      "Requested prompt logprobs of 21, which is greater than max allowed: 20"),
     ({"prompt": "dice " * 1100}, "input_tokens", "However, the model's context length is only"),
     ({"max_tokens": CTX + 1}, "max_tokens", "cannot be greater than max_model_len=1024"),
-    ({"temperature": -1}, "temperature", "temperature must be non-negative, got -1.0."),
-    ({"top_p": 0}, "top_p", "top_p must be in (0, 1], got 0.0."),
+    ({"temperature": -1}, "temperature", "temperature must be at least 0, got -1"),
+    ({"top_p": 0}, "top_p", "top_p must be greater than 0, got 0"),
+    ({"n": 300}, "n", "n must be at most 256, got 300"),
     ({"stop": [""]}, "stop", "stop cannot contain an empty string."),
     ({"prompt": [1, 10**6]}, "prompt", "Token id 1000000 is out of vocabulary"),
     ({"prompt": ""}, "prompt", "Either prompt or prompt_embeds must be provided and non-empty."),

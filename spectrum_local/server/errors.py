@@ -89,7 +89,10 @@ def _invalid_body(exc: RequestValidationError) -> APIError:
         if err["type"] == "json_invalid":
             return APIError("the body is not valid JSON "
                             f"({err.get('ctx', {}).get('error', 'parse error')})")
+    # A body that is not an object at all is named as such (an error's loc is its field).
+    errors = [{**err, "loc": ("the body",)} if tuple(err["loc"]) == ("body",) else err
+              for err in errors]
     first = errors[0]
-    loc = [str(part) for part in first["loc"] if part != "body"]
+    loc = [str(part) for part in first["loc"] if part not in ("body", "the body")]
     param = getattr(first.get("ctx", {}).get("error"), "param", None) or (loc[0] if loc else None)
     return APIError(error_message(errors), param)
