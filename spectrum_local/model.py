@@ -173,6 +173,8 @@ class SpectrumModel:
         ``end_token=False`` leaves the end-of-output token out (the paper's evaluation scripts
         do): then a candidate's probability includes every longer output it begins, and the
         coverage can exceed 1."""
+        if isinstance(candidates, str):  # one candidate or a spec? A spec is the front ends'
+            raise InputError("candidates must be a list of strings, not one string")
         o = ScoreOptions.check(candidates=candidates, end_token=end_token)
         candidates = unique_candidates(o.candidates)
         prompt_tokens, reads = self.candidate_reads(messages, candidates, end_token=o.end_token)

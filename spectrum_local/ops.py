@@ -77,6 +77,8 @@ def _candidate_list(value):
     if isinstance(value, str):
         value = candidate_specs.parse_spec(value)  # InputError (a ValueError): one message
     if isinstance(value, list):
+        if not value:
+            raise ValueError("no candidates to score")
         if "" in value:
             raise ValueError("a candidate is the empty string; an empty output is not scored "
                              "(remove it, e.g. a stray comma in --candidates)")
@@ -161,7 +163,7 @@ class TopOptions(Options):
 class ScoreOptions(Options):
     """Options of ``score``: the candidates, and whether each must end the output."""
 
-    candidates: Candidates = Field(min_length=1, description=(
+    candidates: Candidates = Field(description=(
         'The candidate answers: a list, or a spec as on the command line ("2..12", "a,b,c").'))
     end_token: bool = Field(True, description=(
         "Score each candidate followed by the end-of-output token (off: as the paper's "
