@@ -16,7 +16,6 @@ from .backend import Backend, SamplerSettings, common_prefix, logsumexp
 from .enumeration import best_first
 from .errors import InputError, SpectrumError, check_int
 from .ops import EnumerateOptions, SampleOptions, ScoreOptions, TopOptions
-from .ops import MAX_SAMPLES  # noqa: F401  (eval.tasks imports it from here; ops is its home)
 from .results import (CandidateScore, EnumeratedOutput, EnumerateResult, Sample, ScoreResult,
                       TokenProb)
 from .source import find_gguf, locate
