@@ -203,8 +203,9 @@ class LoadOptions(Options):
     gpu_layers: Count | None = Field(None, ge=-1, description=(
         "Layers to offload to the GPU (-1: all). Default: all when llama.cpp was built with "
         "Metal or CUDA, else 0."))
-    batch: Count = Field(512, ge=2, description=(
-        "Tokens per llama.cpp decode (sequence 0 and at least one continuation)."))
+    batch: Count = Field(512, ge=4, description=(
+        "Tokens per llama.cpp decode (it also bounds the sequences: the prompt cache, its "
+        "two pins and at least one path)."))
 
 
 OPERATIONS: dict[str, type[Options]] = {

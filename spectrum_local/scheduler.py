@@ -1,41 +1,65 @@
 """One owner of an engine for many concurrent callers (the server's requests).
 
-Callers on any thread use the ``Backend`` methods as on an ``Engine``; each call is queued and
-waits for its answer. The scheduler's thread takes what has arrived and merges it:
-- every pending read (score, top, prompt log-probs) goes into one ``Engine.read``: one decode
-  for all of them, sharing their common tokens (a shared description is evaluated once);
+Callers on any thread use the ``Backend`` methods as on an ``Engine``; each call is checked on
+the caller's thread (a bad request fails there, before it can meet anyone else's), queued, and
+waits for its answer. The scheduler's thread takes turns:
+- reads (score, top, prompt log-probs, enumerate's expansions) are merged into one
+  ``Engine.read`` of at most a chunk of paths, sharing their common tokens (a shared
+  description is evaluated once); a long read (10,000 candidates) is answered a chunk per turn,
+  newest reads first, so a one-token ``top`` waits for one chunk, not for the whole read;
 - every sample job joins the engine's live samples, which advance together, one
   ``llama_decode`` per step; a job that arrives mid-way joins at the next step.
-Reads run between steps, so a long sampling job delays a score by one step, not by the job.
+A caller that sets its ``cancel`` is dropped at the next turn (its samples end "abort").
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .backend import Backend, Busy, Generation, Path, PathResult
-from .engine import Engine, GenerateJob
+from .errors import Cancelled
+
+if TYPE_CHECKING:  # the scheduler is given an engine: importing it would load llama.cpp
+    from .llama import Engine, GenerateJob
+
+# What the scheduler forwards to the engine as it is: tokens and model facts (read-only).
+FORWARDED = frozenset({
+    "path", "n_vocab", "n_ctx", "n_ctx_train", "metadata", "max_sequences", "lora",
+    "tokenize", "detokenize", "control_token", "token_text", "token_bytes",
+    "is_end_of_generation", "end_of_generation_tokens", "check_tokens", "describe",
+    "live_samples", "tokens_evaluated", "whole_rows"})
 
 
 class _Read:
-    def __init__(self, paths: Sequence[Path], keep: Sequence[int] | None):
-        self.paths, self.keep = list(paths), keep
-        self.result: list[PathResult] | None = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
+    """A caller's read, answered ``chunk`` paths at a time: ``done`` paths so far."""
 
-    def answer(self, result=None, error=None) -> None:
-        self.result, self.error = result, error
-        self.done.set()
+    def __init__(self, paths: Sequence[Path], keep: Sequence[int] | None, cancel):
+        self.paths, self.keep, self.cancel = list(paths), keep, cancel
+        self.results: list[PathResult] = []
+        self.error: BaseException | None = None
+        self.answered = threading.Event()
+
+    @property
+    def done(self) -> int:
+        return len(self.results)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def answer(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.answered.set()
 
 
 class Scheduler(Backend):
     """A ``Backend`` over ``engine`` that merges concurrent calls. Use as a context manager
     (or ``close()``): its thread runs until then."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, chunk: int | None = None):
         self.engine = engine
+        self.chunk = chunk or engine.max_sequences  # paths per turn: about one decode group
         self._wake = threading.Condition()
         self._reads: list[_Read] = []
         self._new_jobs: list[tuple[GenerateJob, threading.Event]] = []
@@ -65,19 +89,23 @@ class Scheduler(Backend):
                     "tokens_evaluated": self.engine.tokens_evaluated}
 
     def __getattr__(self, name: str):
-        # Tokens and model facts come straight from the engine (read-only, thread-safe).
-        return getattr(self.engine, name)
+        if name in FORWARDED:
+            return getattr(self.engine, name)
+        raise AttributeError(name)
 
     # -- the Backend calls, from any thread ----------------------------------------------------
 
     def read(self, paths: Sequence[Path], keep: Sequence[int] | None = None, *,
-             cancel=None) -> list[PathResult]:
-        work = _Read(paths, keep)
+             cancel: threading.Event | None = None) -> list[PathResult]:
+        self.engine.check_read(paths, keep)  # a bad read fails here, alone
+        work = _Read(paths, keep, cancel)
+        if not work.paths and keep is None:
+            return []
         self._submit(lambda: self._reads.append(work))
-        work.done.wait()
+        work.answered.wait()
         if work.error:
             raise work.error
-        return work.result
+        return work.results
 
     def generate(self, prompt, n, max_tokens, settings, seed, stop_tokens, *, logprobs=None,
                  on_step=None, on_done=None, cancel=None) -> list[Generation]:
@@ -105,50 +133,77 @@ class Scheduler(Backend):
             with self._wake:
                 while not (self._reads or self._new_jobs or jobs or self._closing):
                     self._wake.wait()
-                reads, self._reads = self._reads, []
                 jobs += self._new_jobs
                 self._new_jobs = []
                 if self._closing:
                     break
-
-            if reads:
-                self._do_reads(reads)
+            self._read_turn()
             if jobs:
                 try:
                     self.engine.advance([job for job, _ in jobs])
-                except BaseException as e:  # the engine dropped every live sample
+                except BaseException as e:  # not a job's own fault: the engine's thread broke
                     for job, _ in jobs:
-                        job.error = job.error or e
-                        job.abandon()
+                        job.abandon(e)
                 for job, done in jobs:
                     if job.finished:
                         done.set()
                 jobs = [(job, done) for job, done in jobs if not job.finished]
         closed = RuntimeError("the server is shutting down")
+        with self._wake:
+            reads, self._reads = self._reads, []
         for r in reads:
-            r.answer(error=closed)
+            r.answer(closed)
         for job, done in jobs:
             job.abandon()
             done.set()
         self.engine.clear()
 
-    def _do_reads(self, reads: list[_Read]) -> None:
-        """All pending reads in one engine call; the prefix cache keeps the newest prompt."""
-        paths = [p for r in reads for p in r.paths]
-        keep = next((r.keep for r in reversed(reads) if r.keep is not None), None)
+    def _read_turn(self) -> None:
+        """One chunk of the queued reads: the cancelled ones dropped, the others served the
+        least-served first (a new read before the rest of a long one)."""
+        with self._wake:
+            for r in self._reads:
+                if r.cancelled:
+                    r.answer(Cancelled("cancelled"))
+            self._reads = [r for r in self._reads if not r.answered.is_set()]
+            queue = sorted(self._reads, key=lambda r: r.done)
+        parts, room = [], self.chunk
+        for r in queue:
+            if room <= 0:
+                break
+            take = min(room, len(r.paths) - r.done) if r.paths else 0
+            parts.append((r, take))
+            room -= max(take, 1)
+        if parts:
+            self._serve(parts)
+
+    def _serve(self, parts: list[tuple[_Read, int]]) -> None:
+        """``take`` more paths of each read in one engine read; the prefix cache keeps the
+        prompt of the last read with work left (its next chunk starts from it)."""
+        keeps = [r.keep for r, take in parts if r.keep is not None]
+        left = [r.keep for r, take in parts if r.keep is not None and r.done + take < len(r.paths)]
+        keep = (left or keeps or [None])[-1]
+        paths = [p for r, take in parts for p in r.paths[r.done:r.done + take]]
         try:
             results = self.engine.read(paths, keep)
-        except Busy:  # live samples hold the room: these reads go first after the next step
-            with self._wake:
-                self._reads = reads + self._reads
+        except Busy:  # live samples hold the room: after the next step
             return
         except BaseException as e:
-            if len(reads) == 1:
-                reads[0].answer(error=e)
-            else:  # find whose read failed: each one alone
-                for r in reads:
-                    self._do_reads([r])
+            if len(parts) > 1:  # find whose read failed: each one alone
+                for part in parts:
+                    self._serve([part])
+                return
+            parts[0][0].answer(e)
+            self._forget(parts[0][0])
             return
-        for r in reads:
-            r.answer(results[:len(r.paths)])
-            results = results[len(r.paths):]
+        for r, take in parts:
+            r.results += results[:take]
+            results = results[take:]
+            if r.done == len(r.paths):
+                r.answer()
+                self._forget(r)
+
+    def _forget(self, read: _Read) -> None:
+        with self._wake:
+            if read in self._reads:
+                self._reads.remove(read)

@@ -3,7 +3,14 @@ and how much room is left. Sequence 0 always holds the most recent prompt and, w
 last logits row: a new prompt that shares a prefix with it only evaluates the new part.
 
 The prompt's tokens and its row change together (``truncate``, ``hold``): a row is never kept
-for a prompt it was not computed after."""
+for a prompt it was not computed after.
+
+Sliding-window models (Gemma 3): llama.cpp reuses a cell that only one sequence holds once it
+is outside that sequence's window (``find_slot``: "mask SWA, using current max pos for that
+sequence"), and drops the sequence's older cells with it. A prompt read again from an earlier
+position, or a read's paths branching from a carrier, need those cells: so two sequences are
+pins, holding the same cells as sequence 0 (``PROMPT_PIN``) and as a read's carrier
+(``CARRIER_PIN``), and a cell two sequences hold is never reused."""
 
 from __future__ import annotations
 
@@ -41,9 +48,13 @@ class KVCache:
     def __init__(self, ctx: LlamaContext, n_sequences: int):
         self.ctx = ctx
         self.n_sequences = n_sequences
+        self.prompt_pin, self.carrier_pin = n_sequences - 1, n_sequences - 2
         self.tokens: list[int] = []  # what sequence 0 holds
         self.row: np.ndarray | None = None  # the logits after ``tokens``, if known
-        self.free = list(range(1, n_sequences))  # sequence ids not in use
+        self.free = self._all_free()  # sequence ids not in use
+
+    def _all_free(self) -> list[int]:
+        return list(range(1, self.n_sequences - 2))
 
     def take(self, n: int = 1) -> list[int]:
         taken, self.free = self.free[:n], self.free[n:]
@@ -56,6 +67,7 @@ class KVCache:
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` tokens of sequence 0 (and their row only if all are kept)."""
         self.ctx.seq_rm(0, n, -1)
+        self.ctx.seq_rm(self.prompt_pin, n, -1)
         if n < len(self.tokens):
             self.tokens, self.row = self.tokens[:n], None
 
@@ -67,4 +79,4 @@ class KVCache:
         """Forget every cell of every sequence."""
         self.ctx.clear()
         self.tokens, self.row = [], None
-        self.free = list(range(1, self.n_sequences))
+        self.free = self._all_free()

@@ -21,7 +21,7 @@ from typing import Sequence
 from ..backend import Backend, Generation, Path, PathResult, SamplerSettings
 from ..errors import InputError, check_int
 from ..ggufheader import read_header
-from ..ops import MAX_LORA_SCALE, MAX_THREADS, MIN_CTX
+from ..ops import MAX_LORA_SCALE, MAX_THREADS, LoadOptions
 from ..textfile import check_unicode
 from .cache import KVCache
 from .native import Decoder, LlamaContext, LlamaModel, supports_gpu_offload, system_info
@@ -42,14 +42,8 @@ class Engine(Backend):
                  lora: Sequence[tuple[str, float]] = ()):
         # Every number that reaches llama.cpp is checked here: past its limits llama.cpp
         # asserts (killing the process), OpenMP aborts, or ctypes silently wraps the value.
-        if ctx is not None:
-            check_int("ctx", ctx, MIN_CTX)
-        check_int("batch", batch, 2)  # sequence 0 and at least one continuation
-        check_int("max_sequences", max_sequences, 2)
-        if threads is not None:
-            check_int("threads", threads, 1, MAX_THREADS)
-        if gpu_layers is not None:
-            check_int("gpu_layers", gpu_layers, -1)
+        LoadOptions.check(ctx=ctx, threads=threads, gpu_layers=gpu_layers, batch=batch)
+        check_int("max_sequences", max_sequences, 4)  # as batch: see LoadOptions
         for _, scale in lora:
             if isinstance(scale, bool) or not isinstance(scale, numbers.Real) \
                     or not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:

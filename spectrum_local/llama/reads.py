@@ -77,6 +77,8 @@ class Reader:
         def release(seq: int) -> None:
             held.discard(seq)
             kv.release(seq)
+            if carrier and seq == carrier[1]:
+                kv.ctx.seq_rm(kv.carrier_pin)
 
         try:
             while todo or pending is not None:
@@ -105,9 +107,12 @@ class Reader:
                 if carrier:
                     release(carrier[1])
                 carrier = (placed[-1], seqs[placed[-1]]) if placed else None
-                owners = {i: (seqs[i], shared[i][0]) for i in placed}
+                owners = [(i, seqs[i], shared[i][0]) for i in placed]
+                if carrier:  # pinned from now on (see cache)
+                    kv.ctx.seq_cp(carrier[1], kv.carrier_pin)
+                    owners.append((carrier[0], kv.carrier_pin, shared[carrier[0]][0]))
                 if pending is not None:
-                    owners[KEEP] = (0, 0)
+                    owners += [(KEEP, 0, 0), (KEEP, kv.prompt_pin, 0)]
                 owners = plan.owners(fresh, owners)
                 wants = [plan.wants(node) and node not in rows for node in fresh]
                 decoded = self._decode_all([plan.tokens[n] for n in fresh],
@@ -248,11 +253,11 @@ class _Trie:
         """How many nodes paths ``a`` and ``b`` have in common (a prefix of both)."""
         return common_prefix(self.nodes_of[a], self.nodes_of[b])
 
-    def owners(self, nodes: Sequence[int], placed: dict[int, tuple[int, int]]) -> dict:
-        """Each of ``nodes``'s sequences: those of the placed paths (path -> (sequence, nodes
-        it shares with the carrier)) that decode it."""
+    def owners(self, nodes: Sequence[int], placed: Sequence[tuple[int, int, int]]) -> dict:
+        """Each of ``nodes``'s sequences: those of the placed paths ((path, sequence, nodes it
+        shares with what is decoded)) that decode it."""
         owners = {n: set() for n in nodes}
-        for path, (seq, shared) in placed.items():
+        for path, seq, shared in placed:
             for n in self.nodes_of[path][shared:]:
                 owners[n].add(seq)
         return owners
