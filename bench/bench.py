@@ -4,6 +4,7 @@ header naming the CPU: quantized kernels, and so the ratios, differ between CPUs
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import sys
@@ -18,22 +19,40 @@ import naive as reference  # noqa: E402
 from naive import DEFAULT_LORA, naive_llama, sequence_logprob  # noqa: E402
 
 import spectrum_local  # noqa: E402
-from spectrum_local.engine import cpu_name, use_extra_buffer_types  # noqa: E402
+from spectrum_local.llama import cpu_name, use_extra_buffer_types  # noqa: E402
 
-REPEATS = 5
+# Runs per case: 5, 3 for the slow ones. SPECTRUM_LOCAL_BENCH_REPEATS=N caps every case at N
+# runs (bench_serve.py's and the converter's too): the same work measured, fewer runs for the
+# medians, for a busy machine where one `make bench` would take an hour.
+MAX_REPEATS = int(os.environ.get("SPECTRUM_LOCAL_BENCH_REPEATS", "5"))
+if MAX_REPEATS < 1:
+    raise SystemExit("SPECTRUM_LOCAL_BENCH_REPEATS is a number of runs, at least 1")
+REPEATS = min(5, MAX_REPEATS)
+
+
+def runs(wanted: int) -> int:
+    """``wanted`` runs, capped by SPECTRUM_LOCAL_BENCH_REPEATS."""
+    return min(wanted, MAX_REPEATS)
+
+
 DICE = [{"role": "description", "content": "Roll two six-sided dice. What is the sum of their "
                                            "values? Answer with the number only."}]
 DICE += [{"role": "output", "content": v} for v in ("7", "5", "9", "6", "11", "8")]
 CANDIDATES = [str(n) for n in range(2, 13)]
-BOARD_GAMES = [{"role": "description", "content": "Board games"},
-               {"role": "output", "content": "Catan"}, {"role": "output", "content": "Chess"}]
+# A prompt whose samples run to 24 tokens on the base model (the demo adapter's outputs are one
+# or two tokens long whatever the prompt).
+STORY = [{"role": "description", "content": "Write a long story, at least a hundred words."},
+         {"role": "output", "content": "Once upon a time, in a land of tall mountains and deep "
+          "green valleys, there lived an old dragon who guarded a cave full of gold, and every "
+          "night the villagers below would hear him singing songs about the stars, the rivers "
+          "and the long winters of his youth, when the world was young and wild."}]
 
 
 def medians(*fns, repeats: int = REPEATS) -> list[float]:
     """Each function's median time over ``repeats`` rounds; the functions take turns within a
     round, so a slow spell of the machine touches all of them alike."""
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
+    for _ in range(runs(repeats)):
         for fn, fn_times in zip(fns, times):
             start = time.perf_counter()
             fn()
@@ -87,37 +106,12 @@ def main() -> None:
     rows.append(("same", f"one raw llama_decode of {len(all_tokens)} tokens", t_ours, t_raw,
                  "ours / raw", "<= 1.25", t_ours / t_raw))
 
-    # 3-4. sample n=8, 24 new tokens, prompt already cached in both.
-    n, new_tokens = 8, 24
-    board_prompt = model.prompt_tokens(BOARD_GAMES)
-    lengths = []
-
-    def ours_sample():
-        samples = model.sample(BOARD_GAMES, n=n, max_tokens=new_tokens, seed=len(lengths))
-        lengths.append(statistics.mean(s.n_tokens for s in samples))
-
-    def naive_sample():
-        for i in range(n):
-            naive.create_completion(board_prompt, max_tokens=new_tokens, temperature=1.0,
-                                    top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=i)
-
-    def raw_steps():
-        engine.prompt_logits(board_prompt)
-        for seq in range(1, n + 1):
-            llama_cpp.llama_memory_seq_cp(engine._memory, 0, seq, -1, -1)
-        for step in range(new_tokens):
-            engine._decode([board_prompt[-1]] * n, [len(board_prompt) + step] * n,
-                           [(seq,) for seq in range(1, n + 1)], [True] * n)
-        for seq in range(1, n + 1):  # drop the scratch sequences
-            llama_cpp.llama_memory_seq_rm(engine._memory, seq, -1, -1)
-
-    model.sample(BOARD_GAMES, n=1, max_tokens=1)  # warm the prompt cache
-    t_ours, t_naive, t_raw = medians(ours_sample, naive_sample, raw_steps)
-    rows.append((f"sample n={n}, {new_tokens} new tokens (ours: {statistics.mean(lengths):.1f} "
-                 "per sample)", "8 sequential Llama.create_completion", t_ours, t_naive,
-                 "speed-up", ">= 1.8x", t_naive / t_ours))
-    rows.append(("same", f"{new_tokens} raw batched llama_decode steps, no sampling", t_ours,
-                 t_raw, "ours / raw", "<= 1.25", t_ours / t_raw))
+    # 3-4. sample n=8, 24 new tokens, prompt already cached in all three. The demo adapter's
+    # outputs end after one or two tokens on any prompt, while the raw baseline always runs
+    # every step: so these rows run the base model alone on every side (no adapter in ours or
+    # in Llama) with a prompt whose samples run to max_tokens, and compare time per decoded
+    # token (the tokens each variant decoded are counted and shown; equal when all run out).
+    rows += sample_rows()
 
     # 5. long prompt, then the same prompt with a new final input.
     first_messages = long_prompt("The capital city is Lisbon, where I am going.")
@@ -229,8 +223,72 @@ def main() -> None:
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp extra CPU buffer types "
           f"{'on' if use_extra_buffer_types() else 'off'}; medians of {REPEATS} runs "
-          "(3 for the batch job and the converter)\n")
+          f"({runs(3)} for the batch job, the steerability pass, the tune step and the "
+          f"converter); spectrum_local from "
+          f"{Path(spectrum_local.__file__).parent}\n")
     print_table(rows)
+
+
+def per_token_medians(*fns, repeats: int = REPEATS) -> list[tuple[float, float, float]]:
+    """Like ``medians`` for functions that return the number of tokens they decoded: each
+    one's (median seconds per decoded token, median seconds, mean tokens per run)."""
+    times: list[list[float]] = [[] for _ in fns]
+    tokens: list[list[int]] = [[] for _ in fns]
+    for _ in range(runs(repeats)):
+        for fn, fn_times, fn_tokens in zip(fns, times, tokens):
+            start = time.perf_counter()
+            decoded = fn()
+            fn_times.append(time.perf_counter() - start)
+            fn_tokens.append(decoded)
+    return [(statistics.median(t / n for t, n in zip(ts, ns)), statistics.median(ts),
+             statistics.mean(ns)) for ts, ns in zip(times, tokens)]
+
+
+def sample_rows(n: int = 8, new_tokens: int = 24) -> list[tuple]:
+    """Sampling n sequences of ``new_tokens`` over a cached prompt: ours (one batch per step)
+    against n sequential Llama.create_completion calls and against the bare batched decode
+    steps. The default model's base alone on every side, loaded here and closed after."""
+    model = spectrum_local.load(no_lora=True)
+    engine = model.engine
+    naive = naive_llama(model.path)
+    prompt = model.prompt_tokens(STORY)
+    rounds = itertools.count()
+
+    def ours_sample():
+        samples = model.sample(STORY, n=n, max_tokens=new_tokens, seed=next(rounds))
+        return sum(s.n_tokens for s in samples)
+
+    def naive_sample():
+        return sum(naive.create_completion(
+            prompt, max_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+            repeat_penalty=1.0, seed=i)["usage"]["completion_tokens"] for i in range(n))
+
+    def raw_steps():
+        engine.prompt_logits(prompt)
+        for seq in range(1, n + 1):
+            llama_cpp.llama_memory_seq_cp(engine._memory, 0, seq, -1, -1)
+        for step in range(new_tokens):
+            engine._decode([prompt[-1]] * n, [len(prompt) + step] * n,
+                           [(seq,) for seq in range(1, n + 1)], [True] * n)
+        for seq in range(1, n + 1):  # drop the scratch sequences
+            llama_cpp.llama_memory_seq_rm(engine._memory, seq, -1, -1)
+        return n * new_tokens
+
+    try:
+        model.sample(STORY, n=1, max_tokens=1)  # warm the prompt caches
+        naive.create_completion(prompt, max_tokens=1)
+        ours, theirs, raw = per_token_medians(ours_sample, naive_sample, raw_steps)
+    finally:
+        naive.close()
+        model.close()
+    return [
+        (f"sample n={n}, {new_tokens} new tokens, base model (tokens per sample: ours "
+         f"{ours[2] / n:.1f}, Llama {theirs[2] / n:.1f})", f"{n} sequential "
+         "Llama.create_completion", ours[1], theirs[1], "speed-up per token", ">= 1.8x",
+         theirs[0] / ours[0]),
+        ("same", f"{new_tokens} raw batched llama_decode steps, no sampling", ours[1], raw[1],
+         "ours / raw per token", "<= 1.25", ours[0] / raw[0]),
+    ]
 
 
 def tune_row(model, suite) -> tuple:

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from spectrum_local.convert.writer import read_index  # noqa: E402
 
-REPEATS = 3
+# SPECTRUM_LOCAL_BENCH_REPEATS=N caps the runs (see bench.py).
+REPEATS = min(3, int(os.environ.get("SPECTRUM_LOCAL_BENCH_REPEATS", "3")))
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spectrum-local-bench"
 CASE = "convert 0.4B bf16 Qwen3 (3 shards) to F16"
 BASELINE = "llama.cpp convert_hf_to_gguf.py"
