@@ -101,6 +101,12 @@ def test_score_equals_the_api(f32_server, reference, prompt):
     assert body["coverage"] == pytest.approx(want.coverage, rel=1e-2)
 
 
+def test_score_without_the_end_token_equals_the_api(f32_server, reference):
+    body = {"messages": DICE, "candidates": ["7", "12"], "end_token": False}
+    got = post(f32_server, "/spectrum/v1/score", body).json()
+    assert_same_score(got, reference.score(DICE, ["7", "12"], end_token=False), EXACT)
+
+
 def test_a_candidate_spec_is_expanded_as_on_the_command_line(f32_server, reference):
     got = post(f32_server, "/spectrum/v1/score", {"messages": DICE, "candidates": "2..12"}).json()
     assert [c["text"] for c in got["candidates"]] == [str(n) for n in range(2, 13)]

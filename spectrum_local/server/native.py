@@ -40,7 +40,7 @@ async def info(request: Request):
 async def score(body: schemas.ScoreRequest, request: Request):
     """P(candidate, then end-of-output | prompt) per candidate; as `score --json`."""
     model = request.app.state.model
-    result = await call(request, model.score, body.message_list(), body.candidates)
+    result = await call(request, model.score, body.message_list(), **body.options())
     return _tagged(request, coverage=result.coverage,
                    candidates=[c.to_dict() for c in result.candidates])
 
