@@ -144,7 +144,9 @@ def test_every_answer_is_the_answer_alone_and_no_fault_spreads(engines, long_tex
     rng = random.Random(seed)
     requests = [_request(rng, i, long_text, GREEDY[family]) for i in range(40)]
     answers: dict[int, object] = {}
-    busy_seen = threading.Event()
+    samples_left = [sum(r["kind"] == "sample" for r in requests)]
+    faults_beside_samples = []  # faulty requests sent while samples were live
+    lock = threading.Lock()
 
     with Scheduler(shared.engine, chunk=8) as scheduler:
         model = shared.using(scheduler)
@@ -155,14 +157,19 @@ def test_every_answer_is_the_answer_alone_and_no_fault_spreads(engines, long_tex
             if cancel is not None:
                 threading.Thread(target=_cancel_after_progress, daemon=True,
                                  args=(scheduler, done, cancel)).start()
+            if request["fault"] == "too long":  # the case that matters: beside live samples
+                while not scheduler.load()["live_samples"] and samples_left[0]:
+                    done.wait(0.001)
+                if scheduler.load()["live_samples"]:
+                    faults_beside_samples.append(request["id"])
             try:
                 answers[request["id"]] = _run(model, request, cancel)
             except (InputError, Boom, Cancelled) as e:
                 answers[request["id"]] = type(e)
             done.set()
-            load = scheduler.load()
-            if load["live_samples"] and load["queued_reads"]:
-                busy_seen.set()
+            if request["kind"] == "sample":
+                with lock:
+                    samples_left[0] -= 1
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(client, requests))
@@ -188,6 +195,7 @@ def test_every_answer_is_the_answer_alone_and_no_fault_spreads(engines, long_tex
         if not ok:
             problems.append((request, got, want))
     assert not problems, problems[:3]
+    assert faults_beside_samples  # the driver did send faults beside live samples
 
 
 def _cancel_after_progress(scheduler, done: threading.Event, cancel: threading.Event) -> None:
@@ -298,7 +306,8 @@ def test_over_http_every_answer_is_the_answer_alone(f32, engines, long_text):
     rng = random.Random(7)
     requests = [_request(rng, i, long_text, GREEDY[family]) for i in range(240)]
     for r in requests:
-        r["kind"] = "score" if r["kind"] == "outputs" else r["kind"]
+        if r["kind"] == "outputs":  # no route of its own
+            r.update(kind="score", candidates=["kiwi", "fig"])
         r["fault"] = "disconnect" if r["fault"] in ("cancel", "raises") else r["fault"]
     problems, lock = [], threading.Lock()
     with running_server(["--model", str(f32[family]), "--ctx", str(CTX)]) as url:
