@@ -243,7 +243,8 @@ def test_a_read_refused_as_busy_keeps_no_row_of_another_prompt(engines):
     engine = shared.engine
     engine.clear()
     prompt = shared.prompt_tokens(FEW_SHOT)
-    job = engine.new_job(prompt, 3, CTX, SamplerSettings(), 5, set())
+    # One sample (more would prefill the prompt again when the first ends, hiding the row).
+    job = engine.new_job(prompt, 1, CTX, SamplerSettings(), 5, set())
     engine.advance([job])  # admitted: sequence 0 holds the prompt, the samples the room
     assert engine.live_samples and engine.cached_tokens == prompt
     with pytest.raises(Busy):
