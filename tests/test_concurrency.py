@@ -345,3 +345,36 @@ def test_over_http_every_answer_is_the_answer_alone(f32, engines, long_text):
 def _alone_locked(alone, request: dict, lock: threading.Lock):
     with lock:
         return _alone(alone, request)
+
+
+@pytest.mark.parametrize("engines", ["gemma3"], indirect=True)
+def test_a_long_read_yields_to_a_short_one_and_stops_when_cancelled(engines):
+    """A score of 3,000 candidates is served a chunk per turn: a one-token top sent once the
+    score is under way is answered while the score still runs; cancelling the score then stops
+    it (Cancelled) before it decodes the rest."""
+    shared, _, _ = engines
+    candidates = [f"fruit {i}" for i in range(3000)]
+    with Scheduler(shared.engine) as scheduler:
+        model = shared.using(scheduler)
+        cancel, outcome = threading.Event(), {}
+
+        def long_score():
+            try:
+                outcome["score"] = model.score(FEW_SHOT, candidates, cancel=cancel)
+            except Cancelled as e:
+                outcome["score"] = e
+
+        worker = threading.Thread(target=long_score)
+        start = scheduler.tokens_evaluated
+        worker.start()
+        while scheduler.tokens_evaluated == start:  # the score is under way
+            worker.join(0.001)
+        model.top(FEW_SHOT, 3)
+        assert worker.is_alive()  # the top did not wait for the whole score
+        at_cancel = scheduler.tokens_evaluated
+        cancel.set()
+        worker.join()
+        assert isinstance(outcome["score"], Cancelled)
+        # At most the turn in progress and the next one ran after the cancel: far less than
+        # the rest of the 3,000 candidates' tokens.
+        assert scheduler.tokens_evaluated - at_cancel < 3 * scheduler.chunk * 8
