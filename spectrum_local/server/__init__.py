@@ -22,10 +22,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from ..ops import SERVER_MAX_N as MAX_N  # noqa: F401  (the remote client splits n by it)
 from .hosts import check_address, is_loopback
 
-__all__ = ["MAX_N", "check_address", "is_loopback", "serve"]
+__all__ = ["check_address", "is_loopback", "serve"]
 
 # After the grace period, requests in flight are cancelled and answer what they have (a
 # decode step away); past this many more seconds, uvicorn drops what still has not answered.
