@@ -77,6 +77,7 @@ def main() -> None:
     naive = naive_llama(model.path, lora_path=DEFAULT_LORA)
     rows = []
 
+    progress("score")
     # 1-2. score 11 candidates, cold cache each time.
     prompt = model.prompt_tokens(DICE)
 
@@ -106,6 +107,7 @@ def main() -> None:
     rows.append(("same", f"one raw llama_decode of {len(all_tokens)} tokens", t_ours, t_raw,
                  "ours / raw", "<= 1.25", t_ours / t_raw))
 
+    progress("sample")
     # 3-4. sample n=8, 24 new tokens, prompt already cached in all three. The demo adapter's
     # outputs end after one or two tokens on any prompt, while the raw baseline always runs
     # every step: so these rows run the base model alone on every side (no adapter in ours or
@@ -113,6 +115,7 @@ def main() -> None:
     # token (the tokens each variant decoded are counted and shown; equal when all run out).
     rows += sample_rows()
 
+    progress("prefix cache")
     # 5. long prompt, then the same prompt with a new final input.
     first_messages = long_prompt("The capital city is Lisbon, where I am going.")
     second_messages = long_prompt("The capital city is Vienna, where I am going.")
@@ -134,6 +137,7 @@ def main() -> None:
     rows.append((f"score, {first_len}-token prompt, then a new final input", "the first call",
                  t_second, t_first, "second / first", "<= 0.35", t_second / t_first))
 
+    progress("batch job")
     # 6. a batch job whose lines share the long prompt: the cached prefix vs none.
     import json
     import tempfile
@@ -166,6 +170,7 @@ def main() -> None:
                  "the same lines with no prefix cache", t_batch, t_cold, "speed-up", "> 1",
                  t_cold / t_batch))
 
+    progress("eval steerability")
     # 7. eval's steerability pass (one read per ordering) vs each k scored as its own prompt:
     # by the naive path (a full evaluation per prompt), and by our own score with no cache.
     from spectrum_local.eval import evaluate, load_tasks, run_task
@@ -198,6 +203,7 @@ def main() -> None:
     rows.append(("same", "each k's prompt: our score, no cache", t_pass, t_alone, "speed-up",
                  "", t_alone / t_pass))
 
+    progress("eval suite")
     # 8. the whole built-in suite, once (its wall time is the number; no baseline).
     engine.clear()
     start = time.perf_counter()
@@ -205,17 +211,20 @@ def main() -> None:
     rows.append((f"eval --suite basic ({len(suite)} tasks)", "-", time.perf_counter() - start,
                  "-", "wall time", "", "-"))
 
+    progress("tune step")
     # 9. a tune step's loss and gradients: the packed pass (the prompt once, candidates as
     # masked branches, logits only where a candidate token is predicted) vs the plain way, each
     # candidate's sequence on its own with every position's logits.
     rows.append(tune_row(model, suite))
 
+    progress("score over the trie, enumerate")
     # 10-14. score over a token trie; enumerate against sampling (see bench_exact.py).
     import bench_exact
 
     rows += bench_exact.score_rows(model, medians)
     rows += bench_exact.enumerate_rows(model)
 
+    progress("converter")
     # 15-16. the converter against llama.cpp's own (its own processes; see bench_convert.py).
     import bench_convert
 
@@ -227,6 +236,14 @@ def main() -> None:
           f"converter); spectrum_local from "
           f"{Path(spectrum_local.__file__).parent}\n")
     print_table(rows)
+
+
+_START = time.perf_counter()
+
+
+def progress(what: str) -> None:
+    """Which case runs, on stderr (the table comes at the end)."""
+    print(f"[{time.perf_counter() - _START:5.0f} s] {what}", file=sys.stderr, flush=True)
 
 
 def per_token_medians(*fns, repeats: int = REPEATS) -> list[tuple[float, float, float]]:

@@ -35,7 +35,7 @@ import httpx  # noqa: E402
 from servers import free_port, running, serve_command  # noqa: E402
 
 import spectrum_local  # noqa: E402
-from bench import REPEATS, medians, print_table, runs  # noqa: E402
+from bench import REPEATS, medians, print_table, progress, runs  # noqa: E402
 from spectrum_local.backend import Path as ReadPath  # noqa: E402
 from spectrum_local.batch import run_batch  # noqa: E402
 from spectrum_local.llama import cpu_name, use_extra_buffer_types  # noqa: E402
@@ -404,13 +404,6 @@ def main() -> None:
     print()
     for note in bench.notes:
         print(note)
-
-
-_START = time.perf_counter()
-
-
-def progress(what: str) -> None:
-    print(f"[{time.perf_counter() - _START:5.0f} s] {what}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
