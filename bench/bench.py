@@ -77,7 +77,7 @@ def main() -> None:
     naive = naive_llama(model.path, lora_path=DEFAULT_LORA)
     rows = []
 
-    progress("score")
+    progress("score", rows)
     # 1-2. score 11 candidates, cold cache each time.
     prompt = model.prompt_tokens(DICE)
 
@@ -107,7 +107,7 @@ def main() -> None:
     rows.append(("same", f"one raw llama_decode of {len(all_tokens)} tokens", t_ours, t_raw,
                  "ours / raw", "<= 1.25", t_ours / t_raw))
 
-    progress("sample")
+    progress("sample", rows)
     # 3-4. sample n=8, 24 new tokens, prompt already cached in all three. The demo adapter's
     # outputs end after one or two tokens on any prompt, while the raw baseline always runs
     # every step: so these rows run the base model alone on every side (no adapter in ours or
@@ -115,7 +115,7 @@ def main() -> None:
     # token (the tokens each variant decoded are counted and shown; equal when all run out).
     rows += sample_rows()
 
-    progress("prefix cache")
+    progress("prefix cache", rows)
     # 5. long prompt, then the same prompt with a new final input.
     first_messages = long_prompt("The capital city is Lisbon, where I am going.")
     second_messages = long_prompt("The capital city is Vienna, where I am going.")
@@ -137,7 +137,7 @@ def main() -> None:
     rows.append((f"score, {first_len}-token prompt, then a new final input", "the first call",
                  t_second, t_first, "second / first", "<= 0.35", t_second / t_first))
 
-    progress("batch job")
+    progress("batch job", rows)
     # 6. a batch job whose lines share the long prompt: the cached prefix vs none.
     import json
     import tempfile
@@ -170,7 +170,7 @@ def main() -> None:
                  "the same lines with no prefix cache", t_batch, t_cold, "speed-up", "> 1",
                  t_cold / t_batch))
 
-    progress("eval steerability")
+    progress("eval steerability", rows)
     # 7. eval's steerability pass (one read per ordering) vs each k scored as its own prompt:
     # by the naive path (a full evaluation per prompt), and by our own score with no cache.
     from spectrum_local.eval import evaluate, load_tasks, run_task
@@ -203,7 +203,7 @@ def main() -> None:
     rows.append(("same", "each k's prompt: our score, no cache", t_pass, t_alone, "speed-up",
                  "", t_alone / t_pass))
 
-    progress("eval suite")
+    progress("eval suite", rows)
     # 8. the whole built-in suite, once (its wall time is the number; no baseline).
     engine.clear()
     start = time.perf_counter()
@@ -211,25 +211,26 @@ def main() -> None:
     rows.append((f"eval --suite basic ({len(suite)} tasks)", "-", time.perf_counter() - start,
                  "-", "wall time", "", "-"))
 
-    progress("tune step")
+    progress("tune step", rows)
     # 9. a tune step's loss and gradients: the packed pass (the prompt once, candidates as
     # masked branches, logits only where a candidate token is predicted) vs the plain way, each
     # candidate's sequence on its own with every position's logits.
     rows.append(tune_row(model, suite))
 
-    progress("score over the trie, enumerate")
+    progress("score over the trie, enumerate", rows)
     # 10-14. score over a token trie; enumerate against sampling (see bench_exact.py).
     import bench_exact
 
     rows += bench_exact.score_rows(model, medians)
     rows += bench_exact.enumerate_rows(model)
 
-    progress("converter")
+    progress("converter", rows)
     # 15-16. the converter against llama.cpp's own (its own processes; see bench_convert.py).
     import bench_convert
 
     rows += bench_convert.rows()
 
+    progress("done", rows)
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp extra CPU buffer types "
           f"{'on' if use_extra_buffer_types() else 'off'}; medians of {REPEATS} runs "
           f"({runs(3)} for the batch job, the steerability pass, the tune step and the "
@@ -239,10 +240,17 @@ def main() -> None:
 
 
 _START = time.perf_counter()
+_shown = 0
 
 
-def progress(what: str) -> None:
-    """Which case runs, on stderr (the table comes at the end)."""
+def progress(what: str, rows: list = ()) -> None:
+    """Which case runs, on stderr, after the rows measured since the last call (so that a run
+    stopped part-way still leaves its finished rows; the table comes at the end)."""
+    global _shown
+    for case, base, _, _, measure, _, ratio in rows[_shown:]:
+        ratio = ratio if isinstance(ratio, str) else f"{ratio:.2f}"
+        print(f"  {case} | {base} | {measure} {ratio}", file=sys.stderr)
+    _shown = max(_shown, len(rows))
     print(f"[{time.perf_counter() - _START:5.0f} s] {what}", file=sys.stderr, flush=True)
 
 

@@ -387,14 +387,15 @@ def main() -> None:
             ThreadPoolExecutor(CLIENTS) as pool:
         bench = Bench(model, client, pool)
         for part in (bench.dice, bench.concurrent_samples, bench.concurrent_scores):
-            progress(part.__name__)
+            progress(part.__name__, bench.rows)
             part()
-        progress("batch_jobs")
+        progress("batch_jobs", bench.rows)
         with tempfile.TemporaryDirectory() as folder:
             bench.batch_jobs(url, Path(folder))
     if not skip_peer:
-        progress("peer (llama_cpp.server)")
+        progress("peer (llama_cpp.server)", bench.rows)
         bench.peer(model_path, threads)
+    progress("done", bench.rows)
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp extra CPU buffer types "
           f"{'on' if use_extra_buffer_types() else 'off'}; servers on loopback; medians of "
