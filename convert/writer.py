@@ -59,6 +59,10 @@ def write_gguf(path: Path, plans: list[TensorPlan], qtype: Q,
         w.add_tensor_info(p.name, p.shape, np.dtype(NUMPY_TYPES[t]), tensor_nbytes(p, qtype),
                           raw_dtype=t)
     total = sum(w.ggml_pad(tensor_nbytes(p, qtype), w.data_alignment) for p in plans)
+    # The bar exists before the temporary file does: a Ctrl-C inside tqdm's constructor would
+    # leave a half-built bar whose finalizer prints a traceback.
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {qtype.name}",
+               file=sys.stderr, disable=not progress)
     try:
         w.write_header_to_file(path)
         w.write_kv_data_to_file()
@@ -70,17 +74,16 @@ def write_gguf(path: Path, plans: list[TensorPlan], qtype: Q,
         pool = ThreadPoolExecutor(1)
         pending: deque[Future] = deque()
         try:
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {qtype.name}",
-                      file=sys.stderr, disable=not progress) as bar:
-                for job in _jobs(plans, qtype, w.data_alignment):
-                    pending.append(pool.submit(job))
-                    if len(pending) > AHEAD:
-                        bar.update(out.write(pending.popleft().result()))
-                while pending:
+            for job in _jobs(plans, qtype, w.data_alignment):
+                pending.append(pool.submit(job))
+                if len(pending) > AHEAD:
                     bar.update(out.write(pending.popleft().result()))
+            while pending:
+                bar.update(out.write(pending.popleft().result()))
         finally:
             pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C: no new block starts
     finally:
+        bar.close()
         w.close()
     return set(w.kv_data[0])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import warnings
 
 import click
@@ -35,6 +36,9 @@ class SpectrumGroup(click.Group):
             except SpectrumError as e:
                 raise _Failure(str(e), 1) from None
             except KeyboardInterrupt:
+                # An object the interrupt caught half-built may complain from its finalizer as
+                # the process exits: noise after "interrupted", never a traceback.
+                sys.unraisablehook = lambda unraisable: None
                 click.echo("interrupted", err=True)
                 ctx.exit(130)
             except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
