@@ -14,7 +14,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import llama_cpp  # noqa: E402 - the raw baselines call llama.cpp directly
 import naive as reference  # noqa: E402
 from naive import DEFAULT_LORA, naive_llama, sequence_logprob  # noqa: E402
 
@@ -97,8 +96,8 @@ def main() -> None:
         # The floor: one llama_decode of the prompt and every candidate token, logits only at
         # the candidate positions (what scoring needs), no Python around it.
         engine.clear()
-        engine._decode(all_tokens, range(len(all_tokens)), [(0,)] * len(all_tokens),
-                       [i >= len(prompt) - 1 for i in range(len(all_tokens))])
+        engine._decoder.decode(all_tokens, range(len(all_tokens)), [(0,)] * len(all_tokens),
+                               [i >= len(prompt) - 1 for i in range(len(all_tokens))])
 
     t_ours, t_naive, t_raw = medians(ours_score, naive_score, raw_decode)
     rows.append((f"score 11 candidates, {len(prompt)}-token prompt",
@@ -290,13 +289,14 @@ def sample_rows(n: int = 8, new_tokens: int = 24) -> list[tuple]:
 
     def raw_steps():
         engine.prompt_logits(prompt)
+        context = engine._ctx
         for seq in range(1, n + 1):
-            llama_cpp.llama_memory_seq_cp(engine._memory, 0, seq, -1, -1)
+            context.seq_cp(0, seq)
         for step in range(new_tokens):
-            engine._decode([prompt[-1]] * n, [len(prompt) + step] * n,
-                           [(seq,) for seq in range(1, n + 1)], [True] * n)
+            engine._decoder.decode([prompt[-1]] * n, [len(prompt) + step] * n,
+                                   [(seq,) for seq in range(1, n + 1)], [True] * n)
         for seq in range(1, n + 1):  # drop the scratch sequences
-            llama_cpp.llama_memory_seq_rm(engine._memory, seq, -1, -1)
+            context.seq_rm(seq)
         return n * new_tokens
 
     try:
