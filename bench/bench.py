@@ -324,7 +324,7 @@ def tune_row(model, suite) -> tuple:
 
     tasks = [t for t in suite if isinstance(t, DistributionTask)][:4]
     examples = [tune._example(model, t) for t in tasks]
-    _, peft = tune._peft_model(model, None, tune.TuneSettings(), None, lambda line: None)
+    _, peft = tune.lora_model(model, None, tune.TuneSettings(), None, lambda line: None)
 
     def packed():
         peft.zero_grad()
