@@ -173,6 +173,29 @@ def test_sample_streams_into_a_histogram(page, server):
     assert page.is_hidden("#error")
 
 
+def test_enumerate_chart_shows_the_apis_outputs(page, server):
+    open_page(page, server)
+    page.click("#dice-button")
+    page.fill("#enum-coverage", "0.9")
+    page.fill("#enum-max", "20")
+    with page.expect_response("**/spectrum/v1/enumerate") as seen:
+        page.click("#enumerate-button")
+    page.wait_for_selector("#enumerate-chart[data-status=done]")
+    body = seen.value.request.post_data_json
+    assert body == {"messages": DICE, "coverage": 0.9, "max_outputs": 20, "max_tokens": 32}
+    api = httpx.post(server + "/spectrum/v1/enumerate", json=body, timeout=None).json()
+    shown = bars(page, "#enumerate-chart")
+    assert [b["label"] for b in shown] == [o["text"] for o in api["outputs"]]
+    for b, o in zip(shown, api["outputs"]):
+        assert close(float(b["value"]), o["text_prob"]), (b, o)
+    line = "#enum-coverage-line"
+    assert close(float(page.get_attribute(line, "data-value")), api["coverage"])
+    assert close(float(page.get_attribute(line, "data-unexplored")), api["unexplored"])
+    assert f"hold {percent(api['coverage'])} of the probability" in page.text_content(line)
+    assert f"stopped: {api['stopped']}" in page.text_content("#enumerate-meta")
+    assert page.is_hidden("#error")
+
+
 def test_errors_show_in_the_error_box(page, server):
     open_page(page, server)
     page.click("#dice-button")
