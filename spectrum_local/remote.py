@@ -116,12 +116,11 @@ class Client:
         return self.request("POST", path, body)
 
     def identify(self, replica: Replica) -> tuple[str, str, dict]:
-        """What one replica is: ("serve", model file name, its info) or ("vllm", served model
-        id, its /v1/models entry)."""
+        """What one replica is: ("serve", served model name, its info) or ("vllm", served
+        model id, its /v1/models entry)."""
         try:  # one try: a wrong URL or a server not started is said at once
             info = self.request("GET", "/spectrum/v1/info", None, replica, attempts=1)
-            # compared by file name: the folders differ from machine to machine
-            return "serve", os.path.basename(str(info.get("model"))), info
+            return "serve", str(info.get("model")), info  # its served name
         except _NotFound:
             pass
         try:

@@ -38,7 +38,8 @@ def served(f32_server):
 
 def test_connect_recognises_serve_and_says_what_it_serves(served, f32):
     assert isinstance(served, ServedModel)
-    assert served.path == str(f32[FAMILY]) and served.format == FAMILY
+    # the served name (the file name without .gguf): the server shows no local path
+    assert served.path == f32[FAMILY].stem and served.format == FAMILY
     info = served.info()
     assert info["server"] == [served.client.replicas[0].url] and info["format"] == FAMILY
 
@@ -73,7 +74,8 @@ def test_the_cli_prints_the_same_json_with_server(f32_server, f32):
     remote = subprocess.run([*CLI, *args, "--server", f32_server], capture_output=True, text=True,
                             check=True)
     want, got = json.loads(local.stdout), json.loads(remote.stdout)
-    assert got["model"] == want["model"] and got["format"] == want["format"]
+    # the server names its model by its served name: the file name without .gguf
+    assert got["model"] == Path(want["model"]).stem and got["format"] == want["format"]
     assert [c["logprob"] for c in got["candidates"]] == \
         pytest.approx([c["logprob"] for c in want["candidates"]], abs=EXACT)
 

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -95,7 +96,7 @@ def test_score_equals_the_api(f32_server, reference, prompt):
     got = post(f32_server, "/spectrum/v1/score", {"messages": messages, "candidates": candidates})
     assert got.status_code == 200, got.text
     body = got.json()
-    assert body["model"] == reference.path and body["format"] == FAMILY
+    assert body["model"] == Path(reference.path).stem and body["format"] == FAMILY
     want = reference.score(messages, candidates)
     assert_same_score(body, want, EXACT)
     assert body["coverage"] == pytest.approx(want.coverage, rel=1e-2)
@@ -131,7 +132,7 @@ def test_enumerate_equals_the_api_over_http_and_through_the_client(f32_server, r
     assert got.status_code == 200, got.text
     body = got.json()
     want = reference.enumerate(FEW_SHOT, **options)
-    assert body["model"] == reference.path and body["stopped"] == want.stopped
+    assert body["model"] == Path(reference.path).stem and body["stopped"] == want.stopped
     assert body["decoded"] == want.decoded
     served = spectrum_local.connect(f32_server)
     through = served.enumerate(FEW_SHOT, **options)
@@ -148,8 +149,12 @@ def test_info_is_the_cli_info_plus_the_prompt_format(f32_server, f32):
     cli = subprocess.run([sys.executable, "-m", "spectrum_local", "info", "--json", "--model",
                           str(f32[FAMILY]), "--ctx", "1024"], capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
-    assert {k: v for k, v in info.items() if k not in ("prompt_format", "load")} \
-        == json.loads(cli.stdout)
+    local = json.loads(cli.stdout)
+    # the model by its served name, never a local path (that is for a server with a key)
+    assert info["model"] == f32[FAMILY].stem and "path" not in info
+    assert str(f32[FAMILY].parent) not in json.dumps(info)
+    assert {k: v for k, v in info.items() if k not in ("prompt_format", "load", "model")} \
+        == {k: v for k, v in local.items() if k != "model"}
     assert info["prompt_format"]["end_of_output"] == "<|im_end|>"
     assert info["prompt_format"]["generation_prompt"] == "<|im_start|>output\n"
 

@@ -14,6 +14,7 @@ from .options import local_model_options
 Examples:
   spectrum-local serve                                   # http://127.0.0.1:8717/
   spectrum-local serve --model spectrum-gemma-3-12b-v1-Q4_K_M.gguf --api-key s3cret
+  spectrum-local serve --ollama-port 11434             # also where Ollama clients look
   curl -s localhost:8717/spectrum/v1/score --json '{"messages": [{"role": "description",
     "content": "Roll two six-sided dice. What is the sum of their values?"}],
     "candidates": "2..12"}'
@@ -38,12 +39,23 @@ Examples:
               show_default=True, metavar="SECONDS",
               help="Seconds a client has to send a request's headers, and again its body; "
                    "slower connections are closed (a slow body gets a 408).")
+@click.option("--ollama-port", type=click.IntRange(1, 65535), metavar="PORT",
+              help="Also listen on PORT, e.g. 11434 for tools that assume Ollama's port (the "
+                   "Ollama API is at /api/ on --port too).")
+@click.option("--served-model-name", metavar="NAME",
+              help="The model id clients see and send (/v1/models, the \"model\" field). "
+                   "Default: the file name without .gguf; its file name is accepted too.")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish.")
 def serve(model, format_name, gpu_layers, threads, ctx, lora, no_lora, host, port,
-          api_key, cors_origin, allowed_host, request_timeout, grace):
-    """Keep one model loaded and answer HTTP: the native API, an OpenAI-compatible
-    /v1/completions, and a web page at / that charts scores, top tokens and samples.
+          api_key, cors_origin, allowed_host, request_timeout, ollama_port, served_model_name,
+          grace):
+    """Keep one model loaded and answer HTTP: the native API, the OpenAI-compatible
+    /v1/completions and /v1/chat/completions, the Ollama API under /api/, and a web page at /
+    that charts scores, top tokens and samples.
+
+    In chat, the system message is the description, user messages are inputs and assistant
+    messages are outputs (examples); the reply is a sample of the next output.
 
     Concurrent requests share decodes: samples advance together, scores go into one batch,
     and a prompt prefix already in the cache is not evaluated again. Needs the serve extra:
@@ -58,12 +70,15 @@ def serve(model, format_name, gpu_layers, threads, ctx, lora, no_lora, host, por
         raise SpectrumError(f"serve needs its extra: pip install 'spectrum-local[serve]' ({e})") \
             from None
     check_address(host, port)
+    if ollama_port is not None:
+        check_address(host, ollama_port)
     if not is_loopback(host) and not api_key:
         click.echo(f"warning: binding {host} without --api-key: anyone who can reach this "
                    "machine can use the model", err=True)
     run_server(load_model(model, format_name, gpu_layers, threads, ctx, lora, no_lora), host=host,
                port=port, api_key=api_key, cors_origins=tuple(cors_origin),
-               allowed_hosts=tuple(allowed_host), timeout=request_timeout, grace=grace)
+               allowed_hosts=tuple(allowed_host), timeout=request_timeout, grace=grace,
+               model_name=served_model_name, ollama_port=ollama_port)
 
 
 COMMANDS = [serve]

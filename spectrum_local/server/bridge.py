@@ -81,11 +81,13 @@ Emit = Callable[[Any], None]
 
 
 def stream(request: Request, work: Callable[[Emit, threading.Event], Awaitable[None]],
-           render: Callable[[Any], dict | None]) -> StreamingResponse:
+           render: Callable[[Any], dict | None], *, lines: bool = False) -> StreamingResponse:
     """Server-sent events: ``work(emit, cancel)`` runs the request, calling ``emit(item)`` from
     any thread as results come; each item becomes the event ``render(item)`` (on the event
     loop; None: no event). Then ``data: [DONE]``. An error after the headers are sent is the
-    last event, in the error body's shape. A client that goes away sets ``cancel``."""
+    last event, in the error body's shape. A client that goes away sets ``cancel``. With
+    ``lines``: NDJSON instead (Ollama's stream), one object per line and no end marker."""
+    as_text = ndjson if lines else event
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
@@ -114,17 +116,23 @@ def stream(request: Request, work: Callable[[Emit, threading.Event], Awaitable[N
                     if item is end:
                         break
                     if (data := render(item)) is not None:
-                        yield event(data)
+                        yield as_text(data)
             except Exception as e:
-                yield event(as_api_error(e).body())
-            yield "data: [DONE]\n\n"
+                yield as_text(as_api_error(e).body(ollama=lines))
+            if not lines:
+                yield "data: [DONE]\n\n"
         finally:
             cancel.set()  # the client left early (or all is sent): stop what still runs
             in_flight.discard(cancel)
             await asyncio.gather(task, return_exceptions=True)
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(events(), media_type="application/x-ndjson" if lines
+                             else "text/event-stream")
 
 
 def event(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def ndjson(data: dict) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n"

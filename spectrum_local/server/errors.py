@@ -1,6 +1,6 @@
 """Every error the server answers, from one mapper keyed on the exception's type: routes, the
 guard and the event streams all answer ``{"error": {"message", "type", "param", "code"}}``
-(vLLM's shape) through ``as_api_error``.
+(vLLM's shape) through ``as_api_error``, or ``{"error": message}`` under /api/ (Ollama's).
 
 - ``APIError``: a refusal the server words itself, with its status and the field at fault;
 - a request body the request models refuse (pydantic): 400, in ``ops``' words;
@@ -21,6 +21,7 @@ from ..errors import Cancelled, InputError, SpectrumError
 from ..ops import error_message
 
 CLIENT_GONE = 499
+OLLAMA_ROUTES = "/api/"
 _KINDS = {400: "BadRequestError", 401: "AuthenticationError", 403: "Forbidden",
           404: "NotFoundError", 405: "MethodNotAllowed", 408: "RequestTimeout",
           413: "RequestTooLarge", 415: "UnsupportedMediaType", 499: "ClientClosedRequest",
@@ -34,7 +35,10 @@ class APIError(Exception):
         super().__init__(message)
         self.message, self.param, self.status = message, param, status
 
-    def body(self) -> dict:
+    def body(self, ollama: bool = False) -> dict:
+        """vLLM's error body, or Ollama's (``{"error": message}``, what its clients read)."""
+        if ollama:
+            return {"error": self.message}
         return {"error": {"message": self.message,
                           "type": _KINDS.get(self.status, "InternalServerError"),
                           "param": self.param, "code": self.status}}
@@ -66,15 +70,17 @@ def as_api_error(exc: BaseException) -> APIError:
     return APIError(f"internal error ({type(exc).__name__})", status=500)
 
 
-def error_response(exc: BaseException) -> JSONResponse:
+def error_response(exc: BaseException, path: str = "") -> JSONResponse:
+    """The answer to ``exc`` for a request to ``path``: under /api/ in Ollama's shape."""
     error = as_api_error(exc)
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(ollama=path.startswith(OLLAMA_ROUTES)),
+                        status_code=error.status)
 
 
 def install(app: FastAPI) -> None:
     """Answer every exception a route raises through ``error_response``."""
     async def handler(request, exc):
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     for kind in (APIError, RequestValidationError, HTTPException, SpectrumError, Exception):
         app.add_exception_handler(kind, handler)

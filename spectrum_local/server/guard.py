@@ -64,11 +64,11 @@ class RequestGuard:
         if refusal is None and _has_body(scope):
             refusal, receive = await self._read_body(scope, receive)
         if refusal is not None:
-            return await refusal(scope, receive, send)
+            return await error_response(refusal, scope["path"])(scope, receive, send)
         await self.app(_json_by_default(scope), receive, send)
 
     def _refusal(self, scope):
-        """The 4xx answer to a request whose headers alone rule it out, or None."""
+        """The 4xx refusal of a request whose headers alone rule it out, or None."""
         headers = _headers(scope)
         host = host_name(headers.get("host", ""))
         if self.allowed_hosts is not None and host and host not in self.allowed_hosts \
@@ -124,7 +124,7 @@ class RequestGuard:
             try:
                 check_unicode(json.loads(body), "the request body")
             except InputError as e:
-                return error_response(e), receive
+                return e, receive
             except (ValueError, RecursionError):
                 pass  # not JSON, or nested too deeply to walk: the route says so
         return None, _replay([{"type": "http.request", "body": body, "more_body": False}],
@@ -194,5 +194,5 @@ class GuardedH11(H11Protocol):
         self._headers_timer = self.loop.call_later(self.timeout, expire)
 
 
-def _refuse(status: int, message: str):
-    return error_response(APIError(message, status=status))
+def _refuse(status: int, message: str) -> APIError:
+    return APIError(message, status=status)

@@ -5,6 +5,7 @@ Also ``/health`` and the page at ``/``, which need no key."""
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 
 from fastapi import APIRouter, Request
@@ -31,9 +32,16 @@ async def page():
 
 @router.get("/info")
 async def info(request: Request):
-    """What `spectrum-local info --json` prints, plus the prompt format and the load."""
-    model = request.app.state.model
-    return {**model.info(), "load": model.engine.load()}
+    """What `spectrum-local info --json` prints, plus the prompt format and the load. The
+    model is its served name; local paths (the file, adapters) only to a server's owner: one
+    started with an API key, whose requests carry it."""
+    state = request.app.state
+    found = {**state.model.info(), "model": state.model_name, "load": state.model.engine.load()}
+    if state.owner_key:
+        found["path"] = state.model.path
+    else:
+        found["lora"] = [{**a, "path": os.path.basename(a["path"])} for a in found["lora"]]
+    return found
 
 
 @router.post("/score")
@@ -84,4 +92,4 @@ async def sample(body: schemas.SampleRequest, request: Request):
 def _tagged(request: Request, **fields) -> dict:
     """The CLI's --json object: the model and format first, then the operation's fields."""
     model = request.app.state.model
-    return {"model": model.path, "format": model.format, **fields}
+    return {"model": request.app.state.model_name, "format": model.format, **fields}

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible routes, as vLLM serves them: ``POST /v1/completions``, ``GET /v1/models``,
-``POST /tokenize`` and ``POST /detokenize``.
+"""The OpenAI-compatible routes, as vLLM serves them: ``POST /v1/completions``,
+``POST /v1/chat/completions``, ``GET /v1/models``, ``POST /tokenize``, ``POST /detokenize`` and
+``GET /tokenizer_info``.
 
 - ``protocol.py``   the request bodies and their validators (vLLM's fields, checks and wording;
   the sampling bounds shared with the native routes come from ``ops``)
@@ -21,9 +22,22 @@ vllm/v1/engine/logprobs.py, vllm/renderers/params.py). Where this server differs
   "temperature must be at least 0, got -1" (vLLM: "temperature must be non-negative, got
   -1.0."); n × prompts <= ops.SERVER_MAX_N (vLLM: 16384); logprobs and prompt_logprobs <= 20
   (vLLM's default --max-logprobs, same message). ``owned_by`` is "spectrum-local".
-- The model id is ``model.path``, the file the server loaded (vLLM: the --model argument); its
-  file name alone is accepted as an alias, like a second --served-model-name. Any other
-  non-empty ``model`` is a 404, as in vLLM; an absent or empty one means the loaded model.
+- The model id is the served name: ``--served-model-name``, or the GGUF's file name without
+  ``.gguf`` (vLLM: the --model argument), so no answer shows a local path; the file name with
+  ``.gguf`` is accepted as an alias. Any other non-empty ``model`` is a 404, as in vLLM; an
+  absent or empty one means the loaded model.
+- Chat's roles are spectrum's: system and developer are the description, user an input,
+  assistant an output (an example), and spectrum's own roles pass as they are; content is a
+  string or text parts (joined by newlines, as vLLM joins them), never control tokens. The
+  reply is a sample of the next output turn, ending at its end-of-output token; with
+  ``continue_final_message`` (and ``add_generation_prompt: false``), or with
+  ``add_generation_prompt: false`` alone, it continues a final assistant message instead
+  (a spectrum prompt always ends in a turn, so the two mean the same here). max_tokens
+  defaults to the rest of the context, as in vLLM. Tools, function calls, images, echo,
+  prompt_logprobs and chat_template are a 400 naming them.
+- /tokenizer_info's ``eos_token`` is the end of an output turn (the token a reply ends on),
+  its ``chat_template`` the spectrum template of the GGUF, ``tokenizer_class`` "GGUFTokenizer"
+  (llama.cpp's own, from the GGUF; vLLM: the Hugging Face class).
 - vLLM options this server cannot honour (beam search, penalties other than
   repetition_penalty, logit_bias, structured outputs, ...) are a 400 naming the option when set
   to anything but their default, rather than silently ignored. Unknown fields are ignored.

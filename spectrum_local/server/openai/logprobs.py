@@ -58,9 +58,10 @@ def prompt_positions(vocab, found, k: int) -> list[Position | None]:
     return positions
 
 
-def output_positions(vocab, steps) -> list[Position]:
-    """A generated sample's positions, each token decoded after the one before it."""
-    positions, previous = [], None
+def output_positions(vocab, steps, before: Sequence[int] = ()) -> list[Position]:
+    """A generated sample's positions, each token decoded after the one before it (the first
+    after ``before``'s last token, if any)."""
+    positions, previous = [], (before[-1] if before else None)
     for step in steps:
         positions.append(step_position(vocab, step, previous))
         previous = step.token
@@ -104,3 +105,20 @@ def completion_logprobs(vocab, token_ids: Sequence[int], positions, num: int,
             "top_logprobs": top_logprobs}
 
 
+
+
+def chat_logprobs(vocab, token_ids: Sequence[int], positions, num: int, as_ids: bool) -> dict:
+    """vLLM's _create_chat_logprobs: ``{"content": [{token, logprob, bytes, top_logprobs}]}``,
+    the top list being the position's first ``num`` entries (the token itself first)."""
+
+    def entry(token: int, text: str, logprob: float) -> dict:
+        text = f"token_id:{token}" if as_ids else text
+        return {"token": text, "logprob": max(logprob, -9999.0),
+                "bytes": list(text.encode("utf-8", errors="replace"))}
+
+    content = []
+    for token, position in zip(token_ids, positions):
+        lp, _, decoded = position[token]
+        content.append({**entry(token, decoded, lp), "top_logprobs": [
+            entry(t, d, v) for i, (t, (v, _, d)) in enumerate(position.items()) if i < num]})
+    return {"content": content}

@@ -2,12 +2,13 @@
 (request_output_to_completion_response), or the stream's chunks (completion_stream_generator):
 one per generated token per choice (the one that ends it carries finish_reason and
 stop_reason; with echo, the first also carries the prompt), then a usage chunk with
-stream_options.include_usage."""
+stream_options.include_usage. Chat's the same way (chat_completion_full_generator and
+chat_completion_stream_generator), with a role chunk per choice first."""
 
 from __future__ import annotations
 
-from .logprobs import (completion_logprobs, output_positions, prompt_logprobs_json,
-                       step_position)
+from .logprobs import (chat_logprobs, completion_logprobs, output_positions,
+                       prompt_logprobs_json, step_position)
 from .serving import Completion
 
 
@@ -47,7 +48,7 @@ def response(completion: Completion, prompt_positions, request_id: str, created:
         prompt_tokens += len(prompt.tokens)
     return {
         "id": request_id, "object": "text_completion", "created": created,
-        "model": completion.model.path, "choices": choices, "service_tier": None,
+        "model": completion.model_name, "choices": choices, "service_tier": None,
         "system_fingerprint": None,
         "usage": {"prompt_tokens": prompt_tokens,
                   "total_tokens": prompt_tokens + completion_tokens,
@@ -58,6 +59,8 @@ def response(completion: Completion, prompt_positions, request_id: str, created:
 
 class Chunks:
     """The stream's chunks, made on the event loop from what the engine's thread posts."""
+
+    OBJECT = "text_completion"
 
     def __init__(self, completion: Completion, request_id: str, created: int):
         self.completion, self.request_id, self.created = completion, request_id, created
@@ -82,13 +85,7 @@ class Chunks:
         plan, vocab = self.completion.plan, self.completion.vocab
         body, prompt = plan.body, plan.prompts[p]
         generated = list(tokens)
-        self.made[p][j] += len(tokens)
-        positions = None
-        if plan.logprobs is not None:
-            positions = []
-            for step in steps:
-                positions.append(step_position(vocab, step, self.last[p][j]))
-                self.last[p][j] = step.token
+        positions = self._positions(p, j, tokens, steps)
         prompt_ids = None
         if (body.echo or body.return_token_ids) and not self.echoed[p][j]:
             self.echoed[p][j] = True
@@ -113,8 +110,23 @@ class Chunks:
             "finish_reason": finish, "stop_reason": stop_reason,
             "prompt_token_ids": prompt_ids if body.return_token_ids else None,
             "token_ids": generated if body.return_token_ids else None}])
+        return self._counted(data, p, j)
+
+    def _positions(self, p, j, tokens, steps) -> list | None:
+        """The log-probs of a choice's new tokens (None if not asked for)."""
+        self.made[p][j] += len(tokens)
+        if self.completion.plan.logprobs is None:
+            return None
+        positions = []
+        for step in steps:
+            positions.append(step_position(self.completion.vocab, step, self.last[p][j]))
+            self.last[p][j] = step.token
+        return positions
+
+    def _counted(self, data: dict, p: int, j: int) -> dict:
+        """With continuous_usage_stats, every chunk says the tokens so far."""
         if self.continuous_usage:
-            used, made = len(prompt.tokens), self.made[p][j]
+            used, made = len(self.completion.plan.prompts[p].tokens), self.made[p][j]
             data["usage"] = {"prompt_tokens": used, "completion_tokens": made,
                              "total_tokens": used + made}
         return data
@@ -128,5 +140,68 @@ class Chunks:
                                             "completion_tokens": completion_tokens}}
 
     def _head(self, choices: list) -> dict:
-        return {"id": self.request_id, "object": "text_completion", "created": self.created,
-                "model": self.completion.model.path, "choices": choices}
+        return {"id": self.request_id, "object": self.OBJECT, "created": self.created,
+                "model": self.completion.model_name, "choices": choices}
+
+
+# -- chat --------------------------------------------------------------------------------------
+
+
+def chat_response(completion: Completion, request_id: str, created: int) -> dict:
+    """vLLM's chat completion response: one choice per sample of the output turn."""
+    plan, vocab = completion.plan, completion.vocab
+    body, prompt = plan.body, plan.prompts[0]
+    choices = []
+    for j, output in enumerate(completion.outputs[0]):
+        logprobs = None
+        if plan.logprobs is not None:
+            logprobs = chat_logprobs(vocab, output.tokens, output_positions(vocab, output.steps),
+                                     plan.logprobs, bool(body.return_tokens_as_token_ids))
+        choices.append({
+            "index": j, "message": _assistant(output.text), "logprobs": logprobs,
+            "finish_reason": output.finish_reason, "stop_reason": output.stop_reason,
+            "token_ids": output.tokens if body.return_token_ids else None})
+    completion_tokens = sum(len(o.tokens) for o in completion.outputs[0])
+    return {
+        "id": request_id, "object": "chat.completion", "created": created,
+        "model": completion.model_name, "choices": choices, "service_tier": None,
+        "system_fingerprint": None,
+        "usage": {"prompt_tokens": len(prompt.tokens),
+                  "total_tokens": len(prompt.tokens) + completion_tokens,
+                  "completion_tokens": completion_tokens, "prompt_tokens_details": None},
+        "prompt_logprobs": None,
+        "prompt_token_ids": prompt.tokens if body.return_token_ids else None,
+        "kv_transfer_params": None,
+    }
+
+
+def _assistant(content: str) -> dict:
+    return {"role": "assistant", "content": content, "refusal": None, "annotations": None,
+            "audio": None, "function_call": None, "tool_calls": [], "reasoning_content": None}
+
+
+class ChatChunks(Chunks):
+    """The chat stream's chunks (vLLM's chat_completion_stream_generator): first one per
+    choice with the assistant role, then one per generated token with its text as
+    ``delta.content`` (the last with finish_reason), then the usage chunk if asked for."""
+
+    OBJECT = "chat.completion.chunk"
+
+    def role(self, j: int) -> dict:
+        data = self._head([{"index": j, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None, "finish_reason": None}])
+        return self._counted(data, 0, j)
+
+    def chunk(self, p, j, tokens, steps, text, finish, stop_reason) -> dict:
+        plan = self.completion.plan
+        body = plan.body
+        positions = self._positions(p, j, tokens, steps)
+        logprobs = None
+        if positions is not None:
+            logprobs = chat_logprobs(self.completion.vocab, tokens, positions, plan.logprobs,
+                                     bool(body.return_tokens_as_token_ids))
+        data = self._head([{
+            "index": j, "delta": {"content": text}, "logprobs": logprobs,
+            "finish_reason": finish, "stop_reason": stop_reason,
+            "token_ids": list(tokens) if body.return_token_ids else None}])
+        return self._counted(data, p, j)

@@ -11,7 +11,7 @@ import asyncio
 import codecs
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from starlette.concurrency import run_in_threadpool
@@ -19,12 +19,13 @@ from starlette.concurrency import run_in_threadpool
 from ...backend import SamplerSettings
 from ..errors import APIError
 from .logprobs import Position, prompt_positions
-from .protocol import MAX_LOGPROBS, CompletionRequest
+from .protocol import MAX_LOGPROBS, ChatCompletionRequest, CompletionRequest
 
 
-def check_model(model, name: str | None) -> None:
-    """vLLM's _check_model: no name or the served name; anything else is a 404."""
-    if name and name not in (model.path, os.path.basename(model.path)):
+def check_model(state, name: str | None) -> None:
+    """vLLM's _check_model: no name, the served name or the model's file name (an alias);
+    anything else is a 404. ``state``: the app's (``model``, ``model_name``)."""
+    if name and name not in (state.model_name, os.path.basename(state.model.path)):
         raise APIError(f"The model `{name}` does not exist.", "model", 404)
 
 
@@ -41,43 +42,96 @@ class Prompt:
 
 @dataclass
 class Plan:
-    """A validated completion request, in the engine's terms."""
+    """A validated request in the engine's terms: completions', chat's or Ollama's."""
 
-    body: CompletionRequest
+    body: object  # the request as sent, for the answer's shape
     prompts: list[Prompt]
+    n: int  # samples per prompt
     settings: SamplerSettings
-    logprobs: int | None  # top-k per generated token, or None: not computed
-    prompt_logprobs: int | None  # top-k per prompt position, or None: not computed
+    seed: int | None
+    max_tokens: int  # per sample
+    stop_ids: set[int] = field(default_factory=set)  # stop tokens named in the request
+    stop_tokens: set[int] = field(default_factory=set)  # all the engine stops at, besides EOG
+    stops: list[str] = field(default_factory=list)  # stop strings
+    include_stop: bool = False  # a stop string stays in the text
+    logprobs: int | None = None  # top-k per generated token, or None: not computed
+    prompt_logprobs: int | None = None  # top-k per prompt position, or None: not computed
+    # A character the last token left unfinished ends the text as U+FFFD, as in the native
+    # routes' samples (chat, Ollama: a reply is the native sample's text); else its bytes are
+    # left out, as vLLM's detokenizer leaves them (completions).
+    keep_partial: bool = False
 
-    @property
-    def n(self) -> int:
-        return self.body.n
 
-
-async def plan(model, body: CompletionRequest) -> Plan:
+async def plan(state, body: CompletionRequest) -> Plan:
     """The checks that need the model (vLLM's, same messages), and the prompts tokenised."""
-    check_model(model, body.model)
-    engine = model.engine
+    check_model(state, body.model)
+    engine = state.model.engine
     max_tokens = body.requested_tokens
     if max_tokens > engine.n_ctx:
         raise APIError(f"max_tokens={max_tokens} cannot be greater than "
                        f"max_model_len={engine.n_ctx}. Please request fewer output tokens.",
                        "max_tokens")
-    # the engine's limits on logprobs (vLLM's --max-logprobs, 20 by default); -1: all
+    # -1: all
     logprobs, prompt_logprobs = body.logprobs, body.prompt_logprobs
     if prompt_logprobs is None and body.echo:
         prompt_logprobs = logprobs
     logprobs, prompt_logprobs = (None if v is None else engine.n_vocab if v == -1 else v
                                  for v in (logprobs, prompt_logprobs))
-    for kind, wanted, param in (("sample", logprobs, "logprobs"),
-                                ("prompt", prompt_logprobs, "prompt_logprobs")):
-        if wanted is not None and wanted > MAX_LOGPROBS:
-            raise APIError(f"Requested {kind} logprobs of {wanted}, which is greater than "
-                           f"max allowed: {MAX_LOGPROBS}", param)
+    _check_logprobs("sample", logprobs, "logprobs")
+    _check_logprobs("prompt", prompt_logprobs, "prompt_logprobs")
     if body.stream and not (body.echo and logprobs is not None):
         prompt_logprobs = None  # a stream sends them only as echo's logprobs
     prompts = [await _prompt(engine, body, item) for item in body.prompts()]
-    return Plan(body, prompts, body.sampler_settings(engine.n_vocab), logprobs, prompt_logprobs)
+    return Plan(body, prompts, body.n, body.sampler_settings(engine.n_vocab), body.sampling_seed,
+                body.gen_tokens, **_stops(body), logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs)
+
+
+async def chat_plan(state, body: ChatCompletionRequest) -> Plan:
+    """A chat request: its messages in spectrum's roles rendered in the model's format (so
+    their text never becomes control tokens), the reply a sample of the output turn that ends
+    at the end-of-output token. max_tokens defaults to the rest of the context, as in vLLM."""
+    check_model(state, body.model)
+    model = state.model
+    engine = model.engine
+    messages, prefix = body.spectrum_messages()
+    tokens = await run_in_threadpool(model.prompt_tokens, messages, prefix)
+    asked = body.asked_tokens
+    check_room(engine, len(tokens), asked or 1, asked or 1)
+    logprobs = None
+    if body.logprobs:
+        logprobs = engine.n_vocab if body.top_logprobs == -1 else body.top_logprobs or 0
+        _check_logprobs("sample", logprobs, "top_logprobs")
+    stops = _stops(body)
+    stops["stop_tokens"].add(model.end_of_output_id)
+    return Plan(body, [Prompt(tokens, "")], body.n, body.sampler_settings(engine.n_vocab),
+                body.sampling_seed, asked or engine.n_ctx - len(tokens), **stops,
+                logprobs=logprobs, keep_partial=True)
+
+
+def _stops(body) -> dict:
+    """vLLM's stop fields as the plan's."""
+    ids = set(body.stop_token_ids or ())
+    return {"stop_ids": ids, "stop_tokens": set(ids), "stops": body.stop,
+            "include_stop": body.include_stop_str_in_output}
+
+
+def _check_logprobs(kind: str, wanted: int | None, param: str) -> None:
+    """The engine's limit on logprobs (vLLM's --max-logprobs, 20 by default)."""
+    if wanted is not None and wanted > MAX_LOGPROBS:
+        raise APIError(f"Requested {kind} logprobs of {wanted}, which is greater than "
+                       f"max allowed: {MAX_LOGPROBS}", param)
+
+
+def check_room(engine, n_tokens: int, generated: int, requested: int) -> None:
+    """TokenizeParams: the prompt and the requested tokens must fit the context together."""
+    room = engine.n_ctx - generated
+    if n_tokens > room:
+        raise APIError(
+            f"You passed {n_tokens} input tokens and requested {requested} output tokens. "
+            f"However, the model's context length is only {engine.n_ctx} tokens, resulting in "
+            f"a maximum input length of {room} tokens. Please reduce the length of the input "
+            "prompt.", "input_tokens")
 
 
 async def _prompt(engine, body: CompletionRequest, item: str | list[int]) -> Prompt:
@@ -93,14 +147,7 @@ async def _prompt(engine, body: CompletionRequest, item: str | list[int]) -> Pro
             if body.echo else ""
     if not tokens:  # e.g. a text that tokenises to nothing
         raise APIError("The prompt is empty after tokenization.", "prompt")
-    # TokenizeParams: the prompt and the requested tokens must fit the context together
-    room = engine.n_ctx - body.gen_tokens
-    if len(tokens) > room:
-        raise APIError(
-            f"You passed {len(tokens)} input tokens and requested {body.requested_tokens} "
-            f"output tokens. However, the model's context length is only {engine.n_ctx} "
-            f"tokens, resulting in a maximum input length of {room} tokens. Please reduce the "
-            "length of the input prompt.", "input_tokens")
+    check_room(engine, len(tokens), body.gen_tokens, body.requested_tokens)
     return Prompt(tokens, text)
 
 
@@ -113,10 +160,10 @@ class Output:
     last len(longest stop) - 1 characters are held back until it is known they do not start
     one. Updated on the engine's thread (``on_step``/``on_done``)."""
 
-    def __init__(self, piece, body: CompletionRequest):
-        self.piece, self.stops = piece, body.stop
-        self.include_stop = body.include_stop_str_in_output
-        self.stop_ids, self.max_tokens = set(body.stop_token_ids or ()), body.gen_tokens
+    def __init__(self, piece, plan: Plan):
+        self.piece, self.stops, self.include_stop = piece, plan.stops, plan.include_stop
+        self.stop_ids, self.max_tokens = plan.stop_ids, plan.max_tokens
+        self.keep_partial = plan.keep_partial
         self.hold = max(map(len, self.stops)) - 1 if self.stops and not self.include_stop else 0
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.text = ""
@@ -137,8 +184,18 @@ class Output:
             self.text += new
             self._check_stops(len(new))
         if self.finish_reason is None and len(self.tokens) >= self.max_tokens:
+            self._flush()
             self.finish_reason = "length"
         return self.finish_reason
+
+    def _flush(self) -> None:
+        """The sample ends here: an unfinished last character ends the text as U+FFFD (see
+        ``Plan.keep_partial``), unless a stop string has cut the text already."""
+        if self.keep_partial and self.finish_reason is None:
+            self.keep_partial = False
+            if tail := self._decoder.decode(b"", final=True):
+                self.text += tail
+                self._check_stops(len(tail))
 
     def _check_stops(self, new_chars: int) -> None:
         # vLLM's check_stop_strings: look where the new characters could complete a stop string
@@ -155,7 +212,8 @@ class Output:
     def on_done(self, generation) -> None:
         """The engine finished this sample: by a stop token (not in ``tokens`` yet), by our
         own on_step's reason, at the context's end, or aborted. The bytes of a character the
-        last token left unfinished stay out of the text, as vLLM's detokenizer leaves them."""
+        last token left unfinished: see ``Plan.keep_partial``."""
+        self._flush()
         if generation.stop_token is not None:
             self.tokens.append(generation.stop_token)
             if generation.stop_step is not None:
@@ -211,10 +269,10 @@ class Vocab:
 class Completion:
     """A planned request's runs: every prompt's n outputs, filled as the engine goes."""
 
-    def __init__(self, model, plan: Plan):
-        self.model, self.plan = model, plan
+    def __init__(self, model, plan: Plan, model_name: str):
+        self.model, self.plan, self.model_name = model, plan, model_name
         self.vocab = Vocab(model.engine)
-        self.outputs = [[Output(self.vocab.piece, plan.body) for _ in range(plan.n)]
+        self.outputs = [[Output(self.vocab.piece, plan) for _ in range(plan.n)]
                         for _ in plan.prompts]
 
     async def run(self, cancel: threading.Event, post=None) -> None:
@@ -254,8 +312,7 @@ class Completion:
             if post and not output.reported and output.finish_reason != "abort":
                 post(p, index, output.tokens[tokens:], output.steps[steps:], output)
 
-        body = plan.body
-        self.model.engine.generate(plan.prompts[p].tokens, plan.n, body.gen_tokens,
-                                   plan.settings, body.sampling_seed, set(body.stop_token_ids or ()),
+        self.model.engine.generate(plan.prompts[p].tokens, plan.n, plan.max_tokens, plan.settings,
+                                   plan.seed, plan.stop_tokens,
                                    logprobs=plan.logprobs, on_step=on_step, on_done=on_done,
                                    cancel=cancel)
