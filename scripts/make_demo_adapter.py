@@ -10,7 +10,7 @@ spectrum_local/adapters/gemma3-270m-spectrum-demo.gguf.
     python scripts/make_demo_adapter.py [WORK_DIR]     # default: build/demo-adapter
 
 The work folder keeps the task files, the PEFT adapter, log.jsonl and report.json (held-out
-tasks before and after, by llama.cpp). The README quotes this run's log and numbers. The
+tasks before and after, by llama.cpp). docs/adapters.md quotes this run's log and numbers. The
 product's dice prompt ("Roll two six-sided dice. What is the sum of their values?") is not in
 the training data (demo_tasks.py checks it).
 """

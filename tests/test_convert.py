@@ -255,7 +255,7 @@ def test_q4_k_m_is_smaller_and_scores_close_to_f16(checkpoints, gguf_dir):
                                             ("gemma3", "q4_0"), ("llama3", "q6_k"),
                                             ("qwen3", "q8_0")])
 def test_size_estimate_matches_llama_cpp_exactly(family, outtype, checkpoints, gguf_dir):
-    """sizes.py (the README's size table) follows llama.cpp's per-tensor type choices."""
+    """sizes.py (the size table of docs/convert.md) follows llama.cpp's per-tensor type choices."""
     result = convert(checkpoints[family], gguf_dir / f"{family}-{outtype}-size.gguf", outtype,
                      progress=False, force=True)
     reader = gguf.GGUFReader(result.path)

@@ -1,4 +1,4 @@
-"""The layers (README, "Layout"), checked by tools rather than by review: import-linter's
+"""The layers (docs/layout.md), checked by tools rather than by review: import-linter's
 contracts (pyproject.toml, [tool.importlinter]) hold, every module is placed in a layer, the front
 ends that need no local model load no llama.cpp, and no module grows past a sitting's reading."""
 

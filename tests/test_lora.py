@@ -474,7 +474,7 @@ def test_default_model_is_the_base_plus_its_demo_adapter(model):
         base.close()
     # What the adapter was trained for (on other prompts: this one is not in its data): the
     # base model never ends an output, the adapted one puts most of its mass on the 11 sums in
-    # the triangle's shape. The numbers measured on an AMD EPYC are in the README; the top
+    # the triangle's shape. The numbers measured on an AMD EPYC are in docs/adapters.md; the top
     # three are within 0.03 there, so the property for any CPU is a top three, not an order.
     assert plain.coverage < 1e-6
     assert tuned.coverage > 0.5

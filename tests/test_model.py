@@ -315,7 +315,7 @@ def test_sample_first_tokens_match_top_distribution(base_model):
 
 
 def test_same_seed_same_samples(model):
-    # The promise is for one machine and build (README, "Seeds"): the same calls in one process.
+    # The promise is for one machine and build (docs/decisions.md, "Seeds"): the same calls in one process.
     a = model.sample(FEW_SHOT, n=4, max_tokens=12, seed=123)
     b = model.sample(FEW_SHOT, n=4, max_tokens=12, seed=123)
     c = model.sample(FEW_SHOT, n=4, max_tokens=12, seed=124)

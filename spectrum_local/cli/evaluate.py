@@ -40,7 +40,7 @@ Examples:
                    "steerability tasks.")
 @click.option("--no-end-token", "no_end_token", is_flag=True,
               help="Score candidates without the end-of-output token, as the paper's "
-                   "eval_distributional.py does (see the README: then a candidate's "
+                   "eval_distributional.py does (see docs/eval.md: then a candidate's "
                    "probability includes every longer output it begins).")
 @click.option("--out", "out_file", metavar="OUT.jsonl", type=click.Path(dir_okay=False),
               help="Append each task's result to OUT.jsonl as it completes.")
@@ -58,7 +58,7 @@ def evaluate(tasks_file, suite, vs_model, seed, no_end_token, out_file, resume, 
     TASKS.jsonl holds one task per line: "distribution" (candidates and their true
     probabilities: coverage, JS and KL divergence, cross-entropy, mode match), "generation"
     (n samples and a validator: validity, uniqueness, collisions, entropy) or "steerability"
-    (examples: the loss of example k+1 given the first k). The README gives the format and
+    (examples: the loss of example k+1 given the first k). docs/eval.md gives the format and
     the formulas.
     """
     from ..eval import evaluate as run_eval, load_tasks
@@ -140,7 +140,7 @@ def tune(tasks_file, out, model, weights, held_out_file, held_out_fraction, step
     distribution over outputs is the target, and the log shows the excess over it. Writes
     OUT/adapter.gguf (for --lora), the PEFT adapter, log.jsonl, checkpoint.pt and
     report.json (held-out tasks before/after, measured by llama.cpp). A 270M model trains
-    at about a second per task on a laptop CPU; 8B models want a GPU (see the README).
+    at about a second per task on a laptop CPU; 8B models want a GPU (see docs/adapters.md).
     Needs the tune extra: pip install 'spectrum-local[tune]'.
     """
     from ..tune import TuneSettings, tune as run_tune

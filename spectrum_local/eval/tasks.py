@@ -1,7 +1,8 @@
-"""The task file of ``spectrum-local eval``: one task per JSON line, of three types (README,
-"Evaluate"): ``distribution`` (messages, candidates, target_probs), ``generation`` (messages, n, a
-validator) and ``steerability`` (a description and examples). ``load_tasks`` reads a file or a
-built-in suite into the task classes below, every bad line reported with its number."""
+"""The task file of ``spectrum-local eval``: one task per JSON line, of three types
+(docs/eval.md): ``distribution`` (messages, candidates, target_probs), ``generation``
+(messages, n, a validator) and ``steerability`` (a description and examples). ``load_tasks``
+reads a file or a built-in suite into the task classes below, every bad line reported with its
+number."""
 
 from __future__ import annotations
 
