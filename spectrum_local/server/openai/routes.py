@@ -85,8 +85,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     stop, stop_token_ids, logprobs, echo, prompt_logprobs, stream)."""
     state = request.app.state
     completion = Completion(state.model, await plan(state, body), state.model_name)
-    request_id = f"cmpl-{request.headers.get('x-request-id') or uuid.uuid4().hex}"
-    created = int(time.time())
+    request_id, created = _named(request, "cmpl")
     if body.stream:
         chunks = Chunks(completion, request_id, created)
 
@@ -113,8 +112,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     sample of the next output turn (or continues a final assistant message)."""
     state = request.app.state
     completion = Completion(state.model, await chat_plan(state, body), state.model_name)
-    request_id = f"chatcmpl-{request.headers.get('x-request-id') or uuid.uuid4().hex}"
-    created = int(time.time())
+    request_id, created = _named(request, "chatcmpl")
     if body.stream:
         chunks = ChatChunks(completion, request_id, created)
 
@@ -127,6 +125,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     await until_done(request, completion.run(cancel), cancel)
     return await run_in_threadpool(
         lambda: JSONResponse(chat_response(completion, request_id, created)))
+
+
+def _named(request: Request, kind: str) -> tuple[str, int]:
+    """The answer's id (the client's X-Request-Id if it sent one) and its creation time."""
+    return f"{kind}-{request.headers.get('x-request-id') or uuid.uuid4().hex}", int(time.time())
 
 
 def _stream(request: Request, completion: Completion, chunks: Chunks, start):
