@@ -8,6 +8,7 @@ The server runs the tiny F32 Gemma 3; its numbers are compared with the native r
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -188,3 +189,10 @@ def test_the_ollama_port_option(f32):
                          str(port)]):
         client = ollama.Client(host=f"http://127.0.0.1:{port}")
         assert client.list().models[0].model.endswith(":latest")
+
+
+def test_the_ollama_port_must_differ_from_the_port():
+    run = subprocess.run([sys.executable, "-m", "spectrum_local", "serve", "--port", "8799",
+                          "--ollama-port", "8799"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "is --port already" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import SpectrumError
+from ..errors import InputError, SpectrumError
 from .common import load_model
 from .options import local_model_options
 
@@ -52,7 +52,7 @@ def serve(model, format_name, gpu_layers, threads, ctx, lora, no_lora, host, por
           grace):
     """Keep one model loaded and answer HTTP: the native API, the OpenAI-compatible
     /v1/completions and /v1/chat/completions, the Ollama API under /api/, and a web page at /
-    that charts scores, top tokens and samples.
+    that charts scores, top tokens, enumerations and samples.
 
     In chat, the system message is the description, user messages are inputs and assistant
     messages are outputs (examples); the reply is a sample of the next output.
@@ -71,6 +71,9 @@ def serve(model, format_name, gpu_layers, threads, ctx, lora, no_lora, host, por
             from None
     check_address(host, port)
     if ollama_port is not None:
+        if ollama_port == port:
+            raise InputError(f"--ollama-port {ollama_port} is --port already: the Ollama API "
+                             "is on --port anyway (under /api/); give another port or leave it out")
         check_address(host, ollama_port)
     if not is_loopback(host) and not api_key:
         click.echo(f"warning: binding {host} without --api-key: anyone who can reach this "

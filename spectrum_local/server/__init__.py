@@ -15,8 +15,8 @@
 - ``hosts.py``    loopback names, and whether an address can be listened on
 - ``static/``     the web page at ``/`` (self-contained: no CDN)
 
-Modules import downwards only: app -> ollama -> native, openai -> bridge, schemas -> errors. The model's
-backend is a ``Scheduler``, which merges concurrent requests into shared decodes.
+Modules import downwards only: app -> ollama -> native, openai -> bridge, schemas -> errors.
+The model's backend is a ``Scheduler``, which merges concurrent requests into shared decodes.
 """
 
 from __future__ import annotations
