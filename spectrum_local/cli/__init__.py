@@ -15,6 +15,7 @@ import warnings
 import click
 
 from ..errors import InputError, SpectrumError
+from ..interrupts import raise_interrupt
 from . import convert, evaluate, operations, serve
 from .options import EXAMPLES, LoraSpec
 
@@ -76,11 +77,9 @@ for module in (operations, evaluate, serve, convert):
         cli.add_command(command)
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    # SIGTERM (kill, a job manager) cleans up and exits like Ctrl-C.
-    signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM (kill, a job manager) cleans up and exits like Ctrl-C; neither is lost inside a
+    # callback from llama.cpp (see ``interrupts``).
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    signal.signal(signal.SIGINT, raise_interrupt)
     cli(prog_name="spectrum-local")

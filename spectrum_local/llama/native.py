@@ -15,6 +15,7 @@ import numpy as np
 
 from ..backend import SamplerSettings
 from ..errors import InputError, SpectrumError
+from ..interrupts import called_from_c, guard_ctrl_c
 from ..ops import QUANTIZED_TYPES
 
 _backend_lock = threading.Lock()
@@ -27,11 +28,13 @@ def init_backend() -> None:
         if not _backend_ready:
             # Silence llama.cpp's load chatter; errors still reach us through return codes.
             llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+            guard_ctrl_c()  # a Ctrl-C must not be lost inside _quiet_log
             llama_cpp.llama_backend_init()
             _backend_ready = True
 
 
 @llama_cpp.llama_log_callback
+@called_from_c
 def _quiet_log(level, text, user_data):  # noqa: ARG001 - signature fixed by llama.cpp
     if os.environ.get("SPECTRUM_LOCAL_VERBOSE"):
         print(text.decode("utf-8", "replace"), end="", flush=True)
