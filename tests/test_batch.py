@@ -134,7 +134,10 @@ def test_killed_job_resumes_with_no_duplicate_and_no_lost_line(tmp_path):
 ])
 def test_ctrl_c_exits_130_promptly(args):
     proc = cli(*args)
-    time.sleep(4)  # loaded and working
+    # the note on the default model is printed once it is loaded: the work starts now (an
+    # event to wait for, not a number of seconds)
+    note = proc.stderr.readline()
+    assert note.startswith(b"note: no --model given"), note
     proc.send_signal(signal.SIGINT)
     start = time.monotonic()
     _, err = proc.communicate(timeout=60)
