@@ -140,7 +140,10 @@ def test_ctrl_c_exits_130_promptly(args):
     assert note.startswith(b"note: no --model given"), note
     proc.send_signal(signal.SIGINT)
     start = time.monotonic()
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # a process that ignored the Ctrl-C must not outlive its test
     assert proc.returncode == 130, err.decode()
     assert b"interrupted" in err and b"Traceback" not in err
     assert time.monotonic() - start < 10
