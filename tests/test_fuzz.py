@@ -27,7 +27,11 @@ WORK_CAPS = {"n": 4, "max_tokens": 8, "max_completion_tokens": 8, "max_decoded":
 OPERATIONS = [("GET", "/spectrum/v1/info"), ("POST", "/spectrum/v1/score"),
               ("POST", "/spectrum/v1/top"), ("POST", "/spectrum/v1/enumerate"),
               ("POST", "/spectrum/v1/sample"), ("GET", "/v1/models"),
-              ("POST", "/v1/completions"), ("POST", "/tokenize"), ("POST", "/detokenize")]
+              ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+              ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/tokenizer_info"),
+              ("GET", "/api/version"), ("GET", "/api/tags"), ("GET", "/api/ps"),
+              ("POST", "/api/show"), ("POST", "/api/generate"), ("POST", "/api/chat"),
+              ("POST", "/api/{action}"), ("DELETE", "/api/{action}")]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +50,13 @@ def capped(body, path: str):
     if isinstance(body, dict):
         if path == "/spectrum/v1/enumerate":  # its default budget, 20,000 tokens, is seconds
             body.setdefault("max_decoded", WORK_CAPS["max_decoded"])
+        if path == "/v1/chat/completions":  # chat's default: the rest of the context
+            body.setdefault("max_tokens", WORK_CAPS["max_tokens"])
+        options = body.setdefault("options", {}) if path in ("/api/generate", "/api/chat") \
+            else None  # Ollama's default is the rest of the context too
+        if isinstance(options, dict) and not (isinstance(options.get("num_predict"), int)
+                                              and options["num_predict"] <= 8):
+            options["num_predict"] = WORK_CAPS["max_tokens"]
         for name, cap in WORK_CAPS.items():
             value = body.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value > cap:
@@ -56,7 +67,8 @@ def capped(body, path: str):
 @pytest.mark.parametrize("method,path,mode", [
     (method, path, mode) for method, path in OPERATIONS
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
-    if method == "POST" or mode is GenerationMode.POSITIVE])  # a GET has no body to get wrong
+    # a GET, and the refused Ollama routes, have no body to get wrong
+    if (method == "POST" and path != "/api/{action}") or mode is GenerationMode.POSITIVE])
 def test_no_request_gets_a_5xx_and_every_error_is_json(api_schema, method, path, mode):
     operation = api_schema[path][method]
 
@@ -70,6 +82,9 @@ def test_no_request_gets_a_5xx_and_every_error_is_json(api_schema, method, path,
         if response.status_code >= 400:
             assert response.headers["content-type"] == ["application/json"], response.text
             error = response.json()["error"]
-            assert error["code"] == response.status_code and error["message"], error
+            if path.startswith("/api/"):  # Ollama's error body: {"error": message}
+                assert isinstance(error, str) and error, error
+            else:
+                assert error["code"] == response.status_code and error["message"], error
 
     answers_well()
