@@ -4,9 +4,10 @@ Callers on any thread use the ``Backend`` methods as on an ``Engine``; each call
 the caller's thread (a bad request fails there, before it can meet anyone else's), queued, and
 waits for its answer. The scheduler's thread takes turns:
 - reads (score, top, prompt log-probs, enumerate's expansions) are merged into one
-  ``Engine.read`` of at most a chunk of paths, sharing their common tokens (a shared
-  description is evaluated once); a long read (10,000 candidates) is answered a chunk per turn,
-  newest reads first, so a one-token ``top`` waits for one chunk, not for the whole read;
+  ``Engine.read`` per turn, sharing their common tokens (a shared description is evaluated
+  once): every read of at most a chunk of paths whole, and one chunk of the longer ones; a
+  long read (10,000 candidates) is answered a chunk per turn, newest reads first, so a
+  one-token ``top`` waits for one chunk, not for the whole read;
 - every sample job joins the engine's live samples, which advance together, one
   ``llama_decode`` per step; a job that arrives mid-way joins at the next step.
 A caller that sets its ``cancel`` is dropped at the next turn (its samples end "abort").
@@ -159,21 +160,25 @@ class Scheduler(Backend):
         self.engine.clear()
 
     def _read_turn(self) -> None:
-        """One chunk of the queued reads: the cancelled ones dropped, the others served the
-        least-served first (a new read before the rest of a long one)."""
+        """One turn of the queued reads: the cancelled ones dropped, every short read whole and
+        one chunk of the long ones, least-served first (a new read before the rest of a long
+        one)."""
         with self._wake:
             for r in self._reads:
                 if r.cancelled:
                     r.answer(Cancelled("cancelled"))
             self._reads = [r for r in self._reads if not r.answered.is_set()]
             queue = sorted(self._reads, key=lambda r: r.done)
+        # A read of at most a chunk goes whole into every turn (concurrent small requests share
+        # one decode, as before chunking); longer reads share one chunk of room per turn.
         parts, room = [], self.chunk
         for r in queue:
-            if room <= 0:
-                break
-            take = min(room, len(r.paths) - r.done) if r.paths else 0
-            parts.append((r, take))
-            room -= max(take, 1)
+            left = len(r.paths) - r.done
+            if left <= self.chunk:
+                parts.append((r, left))
+            elif room > 0:
+                parts.append((r, min(room, left)))
+                room -= min(room, left)
         if parts:
             self._serve(parts)
 
