@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from ..bridge import stream, until_done
 from ..errors import APIError
 from ..openai.logprobs import output_positions
-from ..openai.serving import Completion, Plan, Prompt, check_room
+from ..openai.serving import Completion, Plan, reply_plan
 from .protocol import ChatRequest, GenerateRequest, ShowRequest
 
 router = APIRouter(prefix="/api")
@@ -154,18 +154,14 @@ async def _answer(request: Request, body, tokens: list[int], content):
 
 
 def _plan(state, body, tokens: list[int]) -> Plan:
-    model, options = state.model, body.options
-    engine = model.engine
+    options, engine = body.options, state.model.engine
     if options.num_ctx is not None and options.num_ctx > engine.n_ctx:
         raise APIError(f"num_ctx {options.num_ctx} is more than the loaded context "
                        f"({engine.n_ctx} tokens): restart spectrum-local serve with --ctx "
                        f"{options.num_ctx}", "options.num_ctx")
-    asked = options.max_tokens
-    check_room(engine, len(tokens), asked or 1, asked or 1)
-    return Plan(body, [Prompt(tokens, "")], 1, options.sampler_settings(engine.n_vocab),
-                options.sampling_seed, asked or engine.n_ctx - len(tokens),
-                stop_tokens={model.end_of_output_id}, stops=list(options.stop or ()),
-                logprobs=body.wanted_logprobs, keep_partial=True)
+    return reply_plan(state.model, body, tokens, 1, options.sampler_settings(engine.n_vocab),
+                      options.sampling_seed, options.max_tokens, body.wanted_logprobs,
+                      stops=options.stop or ())
 
 
 def _logprobs(vocab, steps, k: int, previous: list[int]) -> list[dict]:

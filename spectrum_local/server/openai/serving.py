@@ -71,7 +71,7 @@ async def plan(state, body: CompletionRequest) -> Plan:
         raise APIError(f"max_tokens={max_tokens} cannot be greater than "
                        f"max_model_len={engine.n_ctx}. Please request fewer output tokens.",
                        "max_tokens")
-    # -1: all
+    # -1: the whole vocabulary (then over the engine's limit, as in vLLM)
     logprobs, prompt_logprobs = body.logprobs, body.prompt_logprobs
     if prompt_logprobs is None and body.echo:
         prompt_logprobs = logprobs
@@ -82,37 +82,45 @@ async def plan(state, body: CompletionRequest) -> Plan:
     if body.stream and not (body.echo and logprobs is not None):
         prompt_logprobs = None  # a stream sends them only as echo's logprobs
     prompts = [await _prompt(engine, body, item) for item in body.prompts()]
+    stops = _stops(body)
     return Plan(body, prompts, body.n, body.sampler_settings(engine.n_vocab), body.sampling_seed,
-                body.gen_tokens, **_stops(body), logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs)
+                body.gen_tokens, stop_tokens=set(stops["stop_ids"]), **stops,
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 async def chat_plan(state, body: ChatCompletionRequest) -> Plan:
     """A chat request: its messages in spectrum's roles rendered in the model's format (so
-    their text never becomes control tokens), the reply a sample of the output turn that ends
-    at the end-of-output token. max_tokens defaults to the rest of the context, as in vLLM."""
+    their text never becomes control tokens), the reply a sample of the output turn."""
     check_model(state, body.model)
     model = state.model
-    engine = model.engine
     messages, prefix = body.spectrum_messages()
     tokens = await run_in_threadpool(model.prompt_tokens, messages, prefix)
-    asked = body.asked_tokens
-    check_room(engine, len(tokens), asked or 1, asked or 1)
     logprobs = None
     if body.logprobs:
-        logprobs = engine.n_vocab if body.top_logprobs == -1 else body.top_logprobs or 0
+        logprobs = model.engine.n_vocab if body.top_logprobs == -1 else body.top_logprobs or 0
         _check_logprobs("sample", logprobs, "top_logprobs")
-    stops = _stops(body)
-    stops["stop_tokens"].add(model.end_of_output_id)
-    return Plan(body, [Prompt(tokens, "")], body.n, body.sampler_settings(engine.n_vocab),
-                body.sampling_seed, asked or engine.n_ctx - len(tokens), **stops,
-                logprobs=logprobs, keep_partial=True)
+    return reply_plan(model, body, tokens, body.n, body.sampler_settings(model.engine.n_vocab),
+                      body.sampling_seed, body.asked_tokens, logprobs, **_stops(body))
+
+
+def reply_plan(model, body, tokens: list[int], n: int, settings: SamplerSettings,
+               seed: int | None, asked: int | None, logprobs: int | None, *,
+               stop_ids: set[int] = frozenset(), stops: Sequence[str] = (),
+               include_stop: bool = False) -> Plan:
+    """A reply (chat's, Ollama's): samples of the output turn after ``tokens``, each ending at
+    the end-of-output token, or after ``asked`` tokens (default: the rest of the context, as
+    in vLLM); a character cut at the end kept as U+FFFD, as in the native samples."""
+    engine = model.engine
+    _check_room(engine, len(tokens), asked or 1, asked or 1)
+    return Plan(body, [Prompt(tokens, "")], n, settings, seed, asked or engine.n_ctx - len(tokens),
+                stop_ids=set(stop_ids), stop_tokens={*stop_ids, model.end_of_output_id},
+                stops=list(stops), include_stop=include_stop, logprobs=logprobs,
+                keep_partial=True)
 
 
 def _stops(body) -> dict:
     """vLLM's stop fields as the plan's."""
-    ids = set(body.stop_token_ids or ())
-    return {"stop_ids": ids, "stop_tokens": set(ids), "stops": body.stop,
+    return {"stop_ids": set(body.stop_token_ids or ()), "stops": body.stop,
             "include_stop": body.include_stop_str_in_output}
 
 
@@ -123,7 +131,7 @@ def _check_logprobs(kind: str, wanted: int | None, param: str) -> None:
                        f"max allowed: {MAX_LOGPROBS}", param)
 
 
-def check_room(engine, n_tokens: int, generated: int, requested: int) -> None:
+def _check_room(engine, n_tokens: int, generated: int, requested: int) -> None:
     """TokenizeParams: the prompt and the requested tokens must fit the context together."""
     room = engine.n_ctx - generated
     if n_tokens > room:
@@ -147,7 +155,7 @@ async def _prompt(engine, body: CompletionRequest, item: str | list[int]) -> Pro
             if body.echo else ""
     if not tokens:  # e.g. a text that tokenises to nothing
         raise APIError("The prompt is empty after tokenization.", "prompt")
-    check_room(engine, len(tokens), body.gen_tokens, body.requested_tokens)
+    _check_room(engine, len(tokens), body.gen_tokens, body.requested_tokens)
     return Prompt(tokens, text)
 
 
